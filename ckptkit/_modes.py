@@ -37,8 +37,10 @@ def resolve_mode(mode: str, monitor: str | None, *, argument: str = "mode") -> M
         ValueError: ``mode`` is not one of ``"min"``, ``"max"``, ``"auto"``, or it is
             ``"auto"`` and the monitor's name is not in the table.
     """
-    if mode == "min" or mode == "max":
-        return mode
+    if mode == "min":
+        return "min"
+    if mode == "max":
+        return "max"
     if mode != "auto":
         raise ValueError(f"{argument} must be one of {_MODES}, got {mode!r}")
     if monitor is None:

@@ -1,0 +1,346 @@
+"""Write and read the safetensors file format directly, streaming and zero-copy.
+
+Layout of a file: an 8-byte little-endian unsigned length ``n``; ``n`` bytes of UTF-8 JSON
+header, padded with spaces so the data area starts on an 8-byte boundary; then the data area.
+The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+(offsets relative to the data area) and may hold ``"__metadata__": {str: str}``. Tensor bytes
+are little-endian and C-ordered; the tensors exactly cover the data area.
+
+Why not ``safetensors.numpy``: it cannot write bfloat16/float8 arrays, builds the whole file in
+memory, and the store hashes bytes while it writes them. Files written here load with the
+reference ``safetensors`` package (and with ``safetensors.torch`` as a state dict).
+
+Byte order: arrays of non-native byte order are written little-endian like every other tensor;
+they load as the native-order dtype with identical values. The sub-byte dtypes of the spec
+(``F4``, ``F6_E2M3``, ``F6_E3M2``) are packed, which numpy cannot view, so they are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+from ckptkit._errors import CorruptCheckpointError, UnsupportedStateError
+
+#: The largest header accepted, the same cap as the reference reader.
+MAX_HEADER_BYTES = 100_000_000
+
+_METADATA_KEY = "__metadata__"
+
+#: safetensors dtype code -> numpy dtype name (``ml_dtypes`` names for the narrow floats).
+_CODE_TO_NAME: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+_NAME_TO_CODE = {name: code for code, name in _CODE_TO_NAME.items()}
+_ML_DTYPES_NAMES = frozenset(name for name in _NAME_TO_CODE if not hasattr(np, name))
+_PACKED_CODES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+
+
+class _Writer(Protocol):
+    def write(self, data: bytes | memoryview, /) -> int | None: ...
+
+
+def numpy_dtype(code: str) -> np.dtype[np.generic]:
+    """Return the native-order numpy dtype for a safetensors dtype code.
+
+    Raises:
+        KeyError: ``code`` is not a dtype this module knows.
+        UnsupportedStateError: the dtype needs ``ml_dtypes``, which is not installed.
+    """
+    name = _CODE_TO_NAME[code]
+    if name not in _ML_DTYPES_NAMES:
+        return np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError as e:
+        raise UnsupportedStateError(
+            f"dtype {code} ({name}) needs the ml_dtypes package, which is not installed; "
+            "run `pip install ml_dtypes` (or `pip install 'ckptkit-ml[dtypes]'`)"
+        ) from e
+    scalar_type = getattr(ml_dtypes, name, None)
+    if scalar_type is None:
+        raise UnsupportedStateError(
+            f"dtype {code} ({name}) is missing from the installed ml_dtypes "
+            f"{getattr(ml_dtypes, '__version__', '?')}; run `pip install -U ml_dtypes`"
+        )
+    dtype: np.dtype[np.generic] = np.dtype(scalar_type)
+    return dtype
+
+
+def dtype_code(dtype: np.dtype[np.generic]) -> str | None:
+    """Return the safetensors code for ``dtype`` (any byte order), or None if it has none."""
+    code = _NAME_TO_CODE.get(dtype.name)
+    if code is None or dtype.fields is not None or dtype.subdtype is not None:
+        return None
+    try:
+        native = numpy_dtype(code)
+    except UnsupportedStateError:
+        return None
+    return code if dtype.newbyteorder("=") == native else None
+
+
+def supported_dtype_names() -> list[str]:
+    """Return the numpy names of every dtype a tensor may have, for error messages."""
+    return list(_NAME_TO_CODE)
+
+
+def _little_endian_c_order(array: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray would turn a 0-d array into shape (1,); keep the shape.
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        array = array.astype(array.dtype.newbyteorder("<"), order="C")
+    elif not array.flags.c_contiguous:
+        array = np.array(array, order="C", copy=True)
+    return array
+
+
+def _write_all(out: _Writer, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        written = out.write(view)
+        # A raw (unbuffered) file may take fewer bytes than offered; None means all of them.
+        if written is None or written >= view.nbytes:
+            return
+        view = view[written:]
+
+
+def write_safetensors(
+    out: _Writer, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> int:
+    """Stream ``arrays`` to ``out`` as one safetensors file; return the number of bytes written.
+
+    Each tensor is written straight from its own memory (a copy only for a non-contiguous or
+    big-endian array, one tensor at a time), so the file is never built in memory and the
+    caller may hash ``out`` as it is written. Tensors are ordered by itemsize descending, then
+    name, so every tensor's offset is a multiple of its itemsize.
+
+    Args:
+        out: anything with ``write(bytes-like)``, e.g. a file opened ``"wb"`` or ``io.BytesIO``.
+        arrays: tensor name -> numpy array of a dtype the format has (see ``dtype_code``).
+        metadata: optional ``str -> str`` stored under ``__metadata__``.
+
+    Returns:
+        The file size in bytes.
+
+    Raises:
+        UnsupportedStateError: an array's dtype has no safetensors code, a name is
+            ``__metadata__``, or metadata is not ``str -> str``.
+
+    Example:
+        >>> import io, numpy as np
+        >>> write_safetensors(io.BytesIO(), {"w": np.zeros(2, np.float32)})
+        72
+    """
+    entries: list[tuple[int, str, str, np.ndarray]] = []
+    for name, array in arrays.items():
+        if name == _METADATA_KEY:
+            raise UnsupportedStateError(
+                f"tensor name {name!r} is reserved by the safetensors format; rename the tensor"
+            )
+        code = dtype_code(array.dtype)
+        if code is None:
+            raise UnsupportedStateError(
+                f"tensor {name!r}: dtype {array.dtype} has no safetensors equivalent; "
+                f"convert it to one of {', '.join(supported_dtype_names())}"
+            )
+        entries.append((-array.dtype.itemsize, name, code, array))
+    entries.sort(key=lambda entry: (entry[0], entry[1]))
+
+    header: dict[str, object] = {}
+    if metadata is not None:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise UnsupportedStateError(
+                    f"safetensors metadata must map str to str, got {key!r}: {value!r}; "
+                    "convert the values to str (e.g. json.dumps) before writing"
+                )
+        header[_METADATA_KEY] = dict(metadata)
+    offset = 0
+    for _, name, code, array in entries:
+        end = offset + array.nbytes
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, end]}
+        offset = end
+    header_bytes = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+
+    _write_all(out, struct.pack("<Q", len(header_bytes)))
+    _write_all(out, header_bytes)
+    for _, _, _, array in entries:
+        if array.nbytes:
+            flat = _little_endian_c_order(array).reshape(-1).view(np.uint8)
+            _write_all(out, flat.data)
+    return 8 + len(header_bytes) + offset
+
+
+def _corrupt(source: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{source}: {what}; the file is damaged or not a safetensors file: "
+        "restore it from a copy or load another checkpoint"
+    )
+
+
+def _reject_constant(token: str) -> object:
+    raise ValueError(f"non-standard JSON token {token}")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json.loads would silently keep the last of two same-named tensors.
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_header(buf: memoryview, source: str) -> tuple[dict[str, object], int]:
+    if buf.nbytes < 8:
+        raise _corrupt(source, f"truncated: {buf.nbytes} bytes, shorter than the 8-byte length")
+    (n,) = struct.unpack("<Q", buf[:8])
+    if n > MAX_HEADER_BYTES:
+        raise _corrupt(source, f"header length {n} is over the {MAX_HEADER_BYTES}-byte cap")
+    if 8 + n > buf.nbytes:
+        raise _corrupt(source, f"header length {n} runs past the end of the {buf.nbytes}-byte file")
+    try:
+        header = json.loads(
+            bytes(buf[8 : 8 + n]).decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _corrupt(source, f"header is not valid UTF-8 JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise _corrupt(source, f"header is a JSON {type(header).__name__}, not an object")
+    return header, 8 + n
+
+
+def _tensor_info(
+    name: str, info: object, data_size: int, source: str
+) -> tuple[str, tuple[int, ...], int, int]:
+    where = f"tensor {name!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise _corrupt(source, f"{where}: entry must be an object of dtype, shape, data_offsets")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if code in _PACKED_CODES:
+        raise UnsupportedStateError(
+            f"{source}: {where} has packed sub-byte dtype {code}, which numpy cannot view; "
+            "read it with the safetensors package of your framework"
+        )
+    if not isinstance(code, str) or code not in _CODE_TO_NAME:
+        raise _corrupt(source, f"{where}: unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _corrupt(source, f"{where}: shape {shape!r} is not a list of non-negative ints")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        raise _corrupt(
+            source, f"{where}: data_offsets {offsets!r} outside the {data_size}-byte data area"
+        )
+    begin, end = offsets
+    expected = math.prod(shape) * numpy_dtype(code).itemsize
+    if end - begin != expected:
+        raise _corrupt(
+            source,
+            f"{where}: {end - begin} bytes at data_offsets {offsets!r}, but dtype {code} "
+            f"and shape {shape!r} need {expected}",
+        )
+    return code, tuple(shape), begin, end
+
+
+def parse_safetensors(
+    buf: bytes | bytearray | memoryview, *, source: str
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse a whole safetensors file held in ``buf``, strictly, without copying tensor bytes.
+
+    Every tensor comes back as a view of ``buf`` (writable when ``buf`` is writable, e.g. a
+    ``bytearray`` or a writable mmap), so a large file costs no second copy. Anything a
+    correct writer would not produce is refused: bad header length, non-JSON header, unknown
+    dtype, sizes that disagree with the shape, tensors that overlap, leave gaps, or leave
+    trailing bytes.
+
+    Args:
+        buf: the complete file contents.
+        source: how to name the file in error messages (usually its path).
+
+    Returns:
+        ``(arrays, metadata)``: tensor name -> array (little-endian, C order) and the
+        ``__metadata__`` mapping (empty if absent).
+
+    Raises:
+        CorruptCheckpointError: the bytes are not a valid safetensors file; the message
+            names ``source`` and the offending tensor.
+        UnsupportedStateError: a tensor's dtype needs ``ml_dtypes`` (not installed) or is a
+            packed sub-byte dtype.
+
+    Example:
+        >>> import io, numpy as np
+        >>> f = io.BytesIO()
+        >>> _ = write_safetensors(f, {"w": np.arange(3, dtype=np.int64)}, {"step": "7"})
+        >>> arrays, meta = parse_safetensors(f.getvalue(), source="w.safetensors")
+        >>> arrays["w"].tolist(), meta
+        ([0, 1, 2], {'step': '7'})
+    """
+    view = memoryview(buf).cast("B")
+    header, data_start = _read_header(view, source)
+    data_size = view.nbytes - data_start
+
+    metadata: dict[str, str] = {}
+    raw_metadata = header.pop(_METADATA_KEY, None)
+    if raw_metadata is not None:
+        if not isinstance(raw_metadata, dict) or not all(
+            isinstance(v, str) for v in raw_metadata.values()
+        ):
+            raise _corrupt(source, f"{_METADATA_KEY} is not an object of str to str")
+        metadata = raw_metadata
+
+    infos = [(name, *_tensor_info(name, info, data_size, source)) for name, info in header.items()]
+    infos.sort(key=lambda info: (info[3], info[4], info[0]))
+    covered, previous = 0, "the start of the data area"
+    for name, _, _, begin, end in infos:
+        if begin < covered:
+            raise _corrupt(source, f"tensor {name!r} at byte {begin} overlaps {previous}")
+        if begin > covered:
+            raise _corrupt(source, f"gap of {begin - covered} unused bytes before tensor {name!r}")
+        covered, previous = end, f"tensor {name!r}"
+    if covered != data_size:
+        raise _corrupt(
+            source, f"{data_size - covered} trailing bytes after {previous}, no tensor holds them"
+        )
+
+    arrays: dict[str, np.ndarray] = {}
+    for name, code, shape, begin, end in infos:
+        dtype = numpy_dtype(code).newbyteorder("<")
+        count = (end - begin) // dtype.itemsize
+        flat = np.frombuffer(view, dtype=dtype, count=count, offset=data_start + begin)
+        arrays[name] = flat.reshape(shape)
+    return arrays, metadata

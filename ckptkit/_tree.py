@@ -1,0 +1,395 @@
+"""Split a state tree into a JSON skeleton and named arrays, and put it back together exactly.
+
+A state tree is made of dicts with str keys, lists, tuples, numpy arrays, numpy scalars and
+JSON scalars (None, bool, int of any size, float of any value, str). The skeleton is plain JSON
+(``json.dumps(skeleton, allow_nan=False)`` always works) and reads as the tree itself wherever
+JSON can say the value exactly. Everything else is a *tag*: an object with exactly one key that
+starts with a single ``$``:
+
+- ``{"$float": "7ff8000000000001"}``: a NaN or infinite float, its 64 bits as big-endian hex;
+- ``{"$int": "-0x1f"}``: an int of more than 2000 bits (JSON readers cap digit counts);
+- ``{"$tuple": [...]}``: a tuple (a bare JSON array is a list);
+- ``{"$array": "model.w"}``: a numpy array, stored as this tensor of the safetensors file;
+- ``{"$scalar": ["F32", 1.5]}``: a numpy scalar, as its safetensors dtype code and its value:
+  a JSON bool or int for bool and int dtypes, a JSON number for finite floats, otherwise the
+  little-endian bytes in hex (NaN, infinities, complex).
+
+Finite floats are plain JSON numbers: Python writes the shortest repr that reads back to the
+same bits, ``-0.0`` included. A dict key that starts with ``$`` is written with one more ``$``
+(``"$x"`` -> ``"$$x"``), so a one-key object whose key starts with a single ``$`` is always a
+tag, never a dict.
+
+Tensor names are the key path joined with ``.`` (list and tuple positions as numbers:
+``optimizer.state.0.exp_avg``), so the arrays file reads as a torch-style state dict. When two
+paths give the same name (keys may contain ``.``) the later one gets ``#1``, ``#2``, ... in
+traversal order; the skeleton records the exact name, so loading never guesses.
+
+What does not survive: dict subclasses (``OrderedDict``) come back as ``dict`` with the same
+key order; a value reachable twice is saved twice and loads as two independent copies;
+big-endian arrays load as the native-order dtype with the same values. Anything else that
+cannot come back exactly (sets, bytes, objects, str/object/structured/datetime arrays,
+subclasses of int/str/tuple, non-str keys, cycles) raises :class:`UnsupportedStateError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from typing import TypeAlias
+
+import numpy as np
+
+from ckptkit._errors import CorruptCheckpointError, UnsupportedStateError
+from ckptkit._safetensors import dtype_code, numpy_dtype, supported_dtype_names
+
+JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+
+_Path: TypeAlias = tuple[str | int, ...]
+_BIG_INT_BITS = 2000
+_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
+_INT_CODES = frozenset({"U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
+_TOO_DEEP = "{what} is nested too deeply for Python's recursion limit; flatten its structure"
+_SUPPORTED = (
+    "dicts with str keys, lists, tuples, numpy arrays and scalars, None, bool, int, float, str"
+)
+
+
+def _render(root: str, path: _Path) -> str:
+    parts = (json.dumps(p, ensure_ascii=False) if isinstance(p, str) else str(p) for p in path)
+    return root + "".join(f"[{part}]" for part in parts)
+
+
+def _dtype_hint(dtype: np.dtype[np.generic]) -> str:
+    if dtype.kind == "O":
+        return "convert it to a numeric dtype, or to a list"
+    if dtype.kind in "US":
+        return "store the strings as a list of str"
+    if dtype.fields is not None:
+        return "save each field as its own array"
+    if dtype.kind in "Mm":
+        return "store it as int64 (arr.astype('int64')) and keep the unit beside it"
+    return "convert it to one of " + ", ".join(supported_dtype_names())
+
+
+def _type_hint(value: object) -> str:
+    if isinstance(value, (set, frozenset)):
+        return "convert it to a sorted list"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "store it as a numpy uint8 array (np.frombuffer(data, np.uint8))"
+    if isinstance(value, np.ndarray):
+        return "it is a subclass of numpy.ndarray; save np.asarray(value) and anything else apart"
+    for base in (bool, int, float, str, list, tuple):
+        if isinstance(value, base):
+            return f"it is a subclass of {base.__name__}; convert it with {base.__name__}(value)"
+    return f"convert it to one of: {_SUPPORTED}"
+
+
+def _float_bits(value: float) -> str:
+    return struct.pack(">d", value).hex()
+
+
+class _Encoder:
+    def __init__(self, root: str, arrays: dict[str, np.ndarray] | None) -> None:
+        self._root = root
+        self._arrays = arrays
+        self._active: set[int] = set()  # containers on the current path, to catch cycles
+
+    def _unsupported(self, path: _Path, problem: str) -> UnsupportedStateError:
+        return UnsupportedStateError(f"{_render(self._root, path)}: {problem}")
+
+    def encode(self, value: object, path: _Path) -> JSONValue:
+        kind = type(value)
+        if value is None or kind is bool or kind is str:
+            return value  # type: ignore[return-value]  # narrowed by the checks above
+        if kind is int:
+            assert isinstance(value, int)
+            return {"$int": hex(value)} if value.bit_length() > _BIG_INT_BITS else value
+        if kind is float:
+            assert isinstance(value, float)
+            return value if math.isfinite(value) else {"$float": _float_bits(value)}
+        if isinstance(value, np.generic):
+            return self._scalar(value, path)
+        if kind is np.ndarray or isinstance(value, np.memmap):
+            assert isinstance(value, np.ndarray)
+            return self._array(value, path)
+        if isinstance(value, dict) or kind is list or kind is tuple:
+            if id(value) in self._active:
+                raise self._unsupported(
+                    path, "the state contains itself (a cycle); break the cycle before saving"
+                )
+            self._active.add(id(value))
+            try:
+                return self._container(value, path)
+            finally:
+                self._active.discard(id(value))
+        raise self._unsupported(path, f"unsupported type {kind.__name__}; {_type_hint(value)}")
+
+    def _container(self, value: object, path: _Path) -> JSONValue:
+        if isinstance(value, list):
+            return [self.encode(item, (*path, i)) for i, item in enumerate(value)]
+        if isinstance(value, tuple):
+            return {"$tuple": [self.encode(item, (*path, i)) for i, item in enumerate(value)]}
+        assert isinstance(value, dict)
+        out: dict[str, JSONValue] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise self._unsupported(
+                    path,
+                    f"dict key {key!r} has type {type(key).__name__}; only str keys can be "
+                    "saved: convert the keys with str(key) and back after loading",
+                )
+            out["$" + key if key.startswith("$") else key] = self.encode(item, (*path, key))
+        return out
+
+    def _scalar(self, value: np.generic, path: _Path) -> JSONValue:
+        code = dtype_code(value.dtype)
+        if code is None:
+            raise self._unsupported(
+                path,
+                f"numpy scalar of dtype {value.dtype} cannot be saved; {_dtype_hint(value.dtype)}",
+            )
+        if code == "BOOL":
+            return {"$scalar": [code, bool(value)]}
+        if code in _INT_CODES:
+            return {"$scalar": [code, int(value)]}
+        if code != "C64":
+            number = float(value)  # every float code embeds exactly in a float64
+            if math.isfinite(number):
+                return {"$scalar": [code, number]}
+        raw = np.asarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
+        return {"$scalar": [code, raw.hex()]}
+
+    def _array(self, value: np.ndarray, path: _Path) -> JSONValue:
+        if self._arrays is None:
+            raise self._unsupported(
+                path, f"numpy arrays cannot be stored in {self._root}; convert with arr.tolist()"
+            )
+        if dtype_code(value.dtype) is None:
+            raise self._unsupported(
+                path,
+                f"numpy array of dtype {value.dtype} cannot be saved; {_dtype_hint(value.dtype)}",
+            )
+        # Keys may hold lone surrogates, which no UTF-8 header can carry; escape them.
+        parts = [str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in path]
+        base = ".".join(parts) if parts else self._root
+        name, n = base, 0
+        while name in self._arrays or name == "__metadata__":
+            n += 1
+            name = f"{base}#{n}"
+        self._arrays[name] = value
+        return {"$array": name}
+
+
+class _Decoder:
+    def __init__(self, source: str, root: str, arrays: Mapping[str, np.ndarray] | None) -> None:
+        self._source = source
+        self._root = root
+        self._arrays = arrays
+        self.used: set[str] = set()
+
+    def _corrupt(self, path: _Path, problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self._source}: {_render(self._root, path)}: {problem}; the saved state is "
+            "damaged or was edited by hand: restore it or load another checkpoint"
+        )
+
+    def decode(self, data: object, path: _Path) -> object:
+        if data is None or type(data) in (bool, int, float, str):
+            return data
+        if type(data) is list:
+            return [self.decode(item, (*path, i)) for i, item in enumerate(data)]
+        if type(data) is not dict:
+            raise self._corrupt(path, f"unexpected JSON value of type {type(data).__name__}")
+        keys = list(data)
+        if len(keys) == 1 and keys[0].startswith("$") and not keys[0].startswith("$$"):
+            return self._tag(keys[0], data[keys[0]], path)
+        out: dict[str, object] = {}
+        for key, item in data.items():
+            if key.startswith("$") and not key.startswith("$$"):
+                raise self._corrupt(path, f"key {key!r} is neither a tag nor an escaped key")
+            key = key[1:] if key.startswith("$") else key
+            out[key] = self.decode(item, (*path, key))
+        return out
+
+    def _tag(self, tag: str, body: object, path: _Path) -> object:
+        if tag == "$tuple" and type(body) is list:
+            return tuple(self.decode(item, (*path, i)) for i, item in enumerate(body))
+        if tag == "$float" and isinstance(body, str) and len(body) == 16 and _is_hex(body):
+            return float(struct.unpack(">d", bytes.fromhex(body))[0])
+        if tag == "$int" and isinstance(body, str) and _HEX_INT.fullmatch(body):
+            return int(body, 16)
+        if tag == "$scalar" and type(body) is list and len(body) == 2:
+            return self._scalar(body[0], body[1], path)
+        if tag == "$array" and isinstance(body, str):
+            return self._array(body, path)
+        shown = repr(body) if len(repr(body)) <= 60 else repr(body)[:57] + "..."
+        raise self._corrupt(path, f"malformed tag {tag!r} with value {shown}")
+
+    def _scalar(self, code: object, value: object, path: _Path) -> np.generic:
+        dtype = _numpy_dtype_or_none(code)
+        if dtype is None:
+            raise self._corrupt(path, f"unknown numpy scalar dtype {code!r}")
+        if isinstance(value, str) and code not in _INT_CODES and code != "BOOL":
+            if len(value) == 2 * dtype.itemsize and _is_hex(value):
+                little = np.frombuffer(bytes.fromhex(value), dtype=dtype.newbyteorder("<"))
+                return little.astype(dtype)[0]  # type: ignore[no-any-return]
+            ok = False
+        elif code == "BOOL":
+            ok = type(value) is bool
+        elif code in _INT_CODES:
+            info = np.iinfo(dtype.name)
+            ok = type(value) is int and info.min <= value <= info.max
+        else:
+            ok = type(value) is float and code != "C64"
+        if not ok:
+            raise self._corrupt(path, f"malformed {code} scalar value {value!r}")
+        return dtype.type(value)
+
+    def _array(self, name: str, path: _Path) -> np.ndarray:
+        if self._arrays is None:
+            raise self._corrupt(path, "an array reference where arrays are not allowed")
+        if name in self.used:
+            raise self._corrupt(path, f"tensor {name!r} is referenced a second time")
+        if name not in self._arrays:
+            raise self._corrupt(path, f"refers to tensor {name!r}, which the arrays file lacks")
+        self.used.add(name)
+        return self._arrays[name]
+
+
+def _is_hex(text: str) -> bool:
+    return bool(text) and all(c in "0123456789abcdef" for c in text)
+
+
+def _numpy_dtype_or_none(code: object) -> np.dtype[np.generic] | None:
+    # numpy_dtype raises UnsupportedStateError (missing ml_dtypes) through this on purpose.
+    if not isinstance(code, str):
+        return None
+    try:
+        return numpy_dtype(code)
+    except KeyError:
+        return None
+
+
+def flatten_state(state: object) -> tuple[JSONValue, dict[str, np.ndarray]]:
+    """Split ``state`` into a JSON skeleton and the arrays it refers to, without copying them.
+
+    The skeleton goes to ``state.json`` and the arrays to one safetensors file; the encoding is
+    described in this module's docstring. Arrays are returned as given (possibly
+    non-contiguous or big-endian); :func:`write_safetensors` lays them out.
+
+    Args:
+        state: the state tree.
+
+    Returns:
+        ``(skeleton, arrays)``: ``json.dumps(skeleton, allow_nan=False)`` succeeds, and
+        ``arrays`` maps each tensor name the skeleton refers to onto its array.
+
+    Raises:
+        UnsupportedStateError: a value cannot be saved exactly; the message names its key path,
+            e.g. ``state["optimizer"]["param_groups"][0]["foo"]``, and what to convert it to.
+
+    Example:
+        >>> import numpy as np
+        >>> skeleton, arrays = flatten_state({"w": np.zeros(2), "epoch": 3, "pair": (1, 2)})
+        >>> skeleton
+        {'w': {'$array': 'w'}, 'epoch': 3, 'pair': {'$tuple': [1, 2]}}
+        >>> list(arrays)
+        ['w']
+    """
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        skeleton = _Encoder("state", arrays).encode(state, ())
+    except RecursionError:
+        raise UnsupportedStateError(_TOO_DEEP.format(what="state")) from None
+    return skeleton, arrays
+
+
+def unflatten_state(
+    skeleton: JSONValue, arrays: Mapping[str, np.ndarray], *, source: str = "state"
+) -> object:
+    """Rebuild the state tree from a skeleton and its arrays; the inverse of :func:`flatten_state`.
+
+    The arrays are placed in the tree as given (no copy), so views of a parsed file stay views.
+
+    Args:
+        skeleton: the decoded ``state.json``.
+        arrays: tensor name -> array, e.g. from :func:`parse_safetensors`.
+        source: how to name the checkpoint in error messages (usually its directory).
+
+    Returns:
+        The state tree, equal in types, dtypes, shapes and bits to the one flattened.
+
+    Raises:
+        CorruptCheckpointError: the skeleton is malformed, refers to a missing tensor, refers
+            to one twice, or ``arrays`` holds a tensor the skeleton never refers to.
+        UnsupportedStateError: a bfloat16/float8 scalar needs ``ml_dtypes``, not installed.
+
+    Example:
+        >>> import numpy as np
+        >>> unflatten_state({"w": {"$array": "w"}, "pair": {"$tuple": [1, 2]}}, {"w": np.ones(1)})
+        {'w': array([1.]), 'pair': (1, 2)}
+    """
+    decoder = _Decoder(source, "state", arrays)
+    try:
+        state = decoder.decode(skeleton, ())
+    except RecursionError:
+        raise CorruptCheckpointError(f"{source}: the saved state is nested too deeply") from None
+    unused = sorted(set(arrays) - decoder.used)
+    if unused:
+        raise CorruptCheckpointError(
+            f"{source}: the arrays file holds tensors the state never refers to: "
+            f"{', '.join(map(repr, unused[:5]))}{' ...' if len(unused) > 5 else ''}; "
+            "state.json and the arrays file do not belong together: load another checkpoint"
+        )
+    return state
+
+
+def encode_json_value(value: object, *, what: str) -> JSONValue:
+    """Encode a JSON-like value (no arrays) exactly as :func:`flatten_state` would.
+
+    Used for checkpoint metadata, which lives in the manifest rather than beside the arrays.
+
+    Args:
+        value: None, bool, int, float, str, numpy scalars, and dicts/lists/tuples of them.
+        what: how to name the value in error messages, e.g. ``"metadata"``.
+
+    Returns:
+        A value that ``json.dumps(..., allow_nan=False)`` accepts.
+
+    Raises:
+        UnsupportedStateError: an array or another unsupported value, named by its key path.
+
+    Example:
+        >>> encode_json_value({"lr": float("inf"), "$note": "x"}, what="metadata")
+        {'lr': {'$float': '7ff0000000000000'}, '$$note': 'x'}
+    """
+    try:
+        return _Encoder(what, None).encode(value, ())
+    except RecursionError:
+        raise UnsupportedStateError(_TOO_DEEP.format(what=what)) from None
+
+
+def decode_json_value(data: JSONValue, *, what: str) -> object:
+    """Decode what :func:`encode_json_value` produced.
+
+    Args:
+        data: the parsed JSON.
+        what: how to name the value in error messages.
+
+    Returns:
+        The original value, exactly.
+
+    Raises:
+        CorruptCheckpointError: ``data`` is not a valid encoding (or refers to an array).
+
+    Example:
+        >>> decode_json_value({"pair": {"$tuple": [1, 2]}}, what="metadata")
+        {'pair': (1, 2)}
+    """
+    try:
+        return _Decoder(what, what, None).decode(data, ())
+    except RecursionError:
+        raise CorruptCheckpointError(f"{what}: nested too deeply to decode") from None

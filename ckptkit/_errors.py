@@ -28,6 +28,14 @@ class UnsupportedStateError(CkptkitError, TypeError):
     """The state tree holds a value ckptkit cannot save exactly."""
 
 
+class MissingMetricError(CkptkitError, KeyError):
+    """A metric the policy or store needs is not among the metrics passed."""
+
+    def __str__(self) -> str:
+        # KeyError's str() shows the repr of its argument; show the message as written.
+        return str(self.args[0]) if self.args else ""
+
+
 class ConfigMismatchError(CkptkitError, ValueError):
     """Saved state was made under a configuration that differs from the current one."""
 

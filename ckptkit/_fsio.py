@@ -1,0 +1,179 @@
+"""Durable file primitives: the only code in ckptkit that writes, renames, fsyncs or deletes.
+
+Every helper here states the hazard it guards against. The store composes them in the order
+of its commit protocol (see ``_store.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+#: Prefix of every temporary name the store creates inside its root. Opening a store sweeps
+#: names with this prefix (and only those) that a crashed writer left behind.
+TEMP_PREFIX = ".ckptkit-tmp-"
+
+CHECKSUM_ALGORITHM = "sha256"
+
+# os.write may write fewer bytes than asked (signals, pipes, some file systems), and a single
+# call is capped near 2 GiB on Linux: always loop.
+_MAX_WRITE = 1 << 30
+
+
+def temp_name(suffix: str = "") -> str:
+    """A fresh temporary name: the prefix, 16 random hex digits and an optional suffix."""
+    return f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (creations, renames, deletions) durable.
+
+    A rename is only durable once its parent directory is fsynced: without this, a power cut
+    after ``os.replace`` can bring back the old name.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HashingWriter:
+    """An exclusive-create, unbuffered file that hashes and counts every byte it writes.
+
+    Hashing while writing reads each byte once, while it is still in the CPU's caches, instead of
+    reading the whole file back after writing it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._hash = hashlib.new(CHECKSUM_ALGORITHM)
+        # O_EXCL: never write through a name some other process (or an old crash) already holds.
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        assert self._fd is not None, "write after close"
+        total = len(view)
+        done = 0
+        while done < total:
+            done += os.write(self._fd, view[done : done + _MAX_WRITE])
+        self.size += total
+        return total
+
+    @property
+    def checksum(self) -> str:
+        return f"{CHECKSUM_ALGORITHM}:{self._hash.hexdigest()}"
+
+    def commit(self) -> None:
+        """fsync the file's data and close it; the file is durable when this returns."""
+        assert self._fd is not None, "commit after close"
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        """Close without syncing (after a failure); the caller removes the file."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def write_durable_file(path: Path, data: bytes) -> tuple[int, str]:
+    """Write ``data`` to a new file at ``path`` and fsync it; return (size, checksum)."""
+    writer = HashingWriter(path)
+    try:
+        writer.write(data)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.size, writer.checksum
+
+
+def file_checksum(path: Path) -> tuple[int, str]:
+    """Size and checksum of an existing file, read in 8 MiB chunks."""
+    h = hashlib.new(CHECKSUM_ALGORITHM)
+    size = 0
+    with open(path, "rb") as f:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return size, f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+
+def read_verified(path: Path, *, size: int, checksum: str | None) -> bytearray:
+    """Read a whole file into a fresh buffer, checking its size and (if given) its checksum.
+
+    Returns a writable buffer so arrays parsed from it are writable views, with one copy of the
+    data in memory. Raises ``ValueError`` describing the mismatch; the caller adds context.
+    """
+    with open(path, "rb") as f:
+        actual = os.fstat(f.fileno()).st_size
+        if actual != size:
+            raise ValueError(f"size is {actual} bytes, the manifest says {size}")
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError(f"file ended after {got} of {size} bytes while reading")
+            got += n
+    if checksum is not None:
+        algorithm, _, _ = checksum.partition(":")
+        h = hashlib.new(algorithm)
+        h.update(buf)
+        if f"{algorithm}:{h.hexdigest()}" != checksum:
+            raise ValueError("checksum does not match the manifest (the file's bytes changed)")
+    return buf
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a file if it exists; failures are ignored (used on error paths only)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def remove_tree_of_own_files(directory: Path, names: Iterable[str]) -> bool:
+    """Delete the named files in ``directory``, then the directory if it is then empty.
+
+    Only the names given are deleted, so a file someone else put there survives (and keeps the
+    directory). Returns True if the directory is gone.
+    """
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
+
+
+def remove_temp_tree(path: Path) -> None:
+    """Delete a temporary file or directory the store created (everything in it is the store's)."""
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            remove_temp_tree(child)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

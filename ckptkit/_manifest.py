@@ -1,0 +1,156 @@
+"""The manifest: ``root/manifest.json``, the single list of a store's committed checkpoints.
+
+A checkpoint exists if and only if the manifest lists it. The JSON is deterministic (sorted
+keys, records sorted by step) and never holds bare ``NaN``/``Infinity`` tokens: non-finite
+metric values are the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``. The schema is in
+``docs/manifest.schema.json``; ``FORMAT_VERSION`` changes only when old readers could misread
+new files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ckptkit._errors import StoreFormatError
+from ckptkit._record import CheckpointRecord, FileEntry
+from ckptkit._tree import decode_json_value, encode_json_value
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+#: Directory names the store gives checkpoints: ``step_`` and at least 12 digits, and a
+#: ``.N`` suffix for a checkpoint written over an existing step.
+CHECKPOINT_DIR = re.compile(r"step_(\d{12,})(\.\d+)?")
+#: File names the store writes inside a checkpoint directory.
+CHECKPOINT_FILES = ("arrays.safetensors", "state.json")
+
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def encode_metric(value: float) -> float | str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def decode_metric(value: object, *, where: str) -> float:
+    if isinstance(value, str) and value in _NONFINITE:
+        return _NONFINITE[value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{where}: metric value {value!r} is not a number")
+
+
+def dumps(records: Sequence[CheckpointRecord]) -> bytes:
+    """Serialise records to the manifest's deterministic JSON bytes."""
+    checkpoints: list[dict[str, Any]] = [
+        {
+            "step": r.step,
+            "directory": r.directory,
+            "created": r.created,
+            "pinned": r.pinned,
+            "metrics": {k: encode_metric(v) for k, v in r.metrics.items()},
+            "metadata": encode_json_value(dict(r.metadata), what=f"metadata of step {r.step}"),
+            "files": [{"name": f.name, "size": f.size, "checksum": f.checksum} for f in r.files],
+        }
+        for r in sorted(records, key=lambda r: r.step)
+    ]
+    doc: dict[str, Any] = {"format_version": FORMAT_VERSION, "checkpoints": checkpoints}
+    return (json.dumps(doc, sort_keys=True, indent=1, allow_nan=False) + "\n").encode("ascii")
+
+
+def loads(data: bytes, *, path: str) -> list[CheckpointRecord]:
+    """Parse manifest bytes; any deviation from the format raises ``StoreFormatError``."""
+    try:
+        doc = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise StoreFormatError(f"{path}: the manifest is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise StoreFormatError(f"{path}: the manifest must be a JSON object")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise StoreFormatError(f"{path}: the manifest has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{path}: manifest format_version {version} is newer than this ckptkit reads "
+            f"({FORMAT_VERSION}); upgrade ckptkit-ml to read this store"
+        )
+    if version < 1:
+        raise StoreFormatError(f"{path}: manifest format_version {version} is not valid")
+    entries = doc.get("checkpoints")
+    if not isinstance(entries, list):
+        raise StoreFormatError(f"{path}: 'checkpoints' must be a list")
+    records = []
+    seen: set[int] = set()
+    for i, entry in enumerate(entries):
+        try:
+            record = _record_from_json(entry)
+        except (ValueError, TypeError, KeyError) as e:
+            raise StoreFormatError(f"{path}: checkpoints[{i}] is malformed: {e}") from None
+        if record.step in seen:
+            raise StoreFormatError(f"{path}: step {record.step} is listed twice")
+        seen.add(record.step)
+        records.append(record)
+    records.sort(key=lambda r: r.step)
+    return records
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"bare {name} is not allowed")
+
+
+def _record_from_json(entry: object) -> CheckpointRecord:
+    if not isinstance(entry, dict):
+        raise TypeError("expected an object")
+    step = entry["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step {step!r} is not a non-negative integer")
+    where = f"step {step}"
+    directory = entry["directory"]
+    if not isinstance(directory, str) or not CHECKPOINT_DIR.fullmatch(directory):
+        raise ValueError(f"{where}: directory {directory!r} is not a checkpoint directory name")
+    created = entry["created"]
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise ValueError(f"{where}: created {created!r} is not a number")
+    pinned = entry.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise ValueError(f"{where}: pinned {pinned!r} is not a boolean")
+    metrics = entry.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{where}: metrics must be an object")
+    metadata = decode_json_value(entry.get("metadata", {}), what=f"metadata of {where}")
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"{where}: metadata must be an object")
+    files = entry["files"]
+    if not isinstance(files, list):
+        raise ValueError(f"{where}: files must be a list")
+    return CheckpointRecord(
+        step=step,
+        directory=directory,
+        created=float(created),
+        pinned=pinned,
+        metrics={
+            str(k): decode_metric(v, where=f"{where}, metric {k!r}") for k, v in metrics.items()
+        },
+        metadata=metadata,
+        files=tuple(_file_from_json(f, where=where) for f in files),
+    )
+
+
+def _file_from_json(entry: object, *, where: str) -> FileEntry:
+    if not isinstance(entry, dict):
+        raise TypeError(f"{where}: a file entry must be an object")
+    name, size, checksum = entry["name"], entry["size"], entry["checksum"]
+    if name not in CHECKPOINT_FILES:
+        raise ValueError(f"{where}: file name {name!r} is not one the store writes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"{where}: size of {name} is {size!r}, not a non-negative integer")
+    if not isinstance(checksum, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
+        raise ValueError(f"{where}: checksum of {name} is {checksum!r}, not sha256:<64 hex digits>")
+    return FileEntry(name=name, size=size, checksum=checksum)

@@ -1,0 +1,330 @@
+"""CheckpointStore: the API, the manifest as the source of truth, retention, integrity, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckptkit import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointStore,
+    CkptkitError,
+    CorruptCheckpointError,
+    FallbackWarning,
+    LockTimeoutError,
+    StoreFormatError,
+    UnsupportedStateError,
+)
+
+
+def state_for(step: int) -> dict[str, object]:
+    return {"w": np.arange(4, dtype=np.float32) + step, "meta": {"step": step, "t": (1, 2.5)}}
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    """What save wrote, load returns: arrays exact, tuples stay tuples, metrics and metadata kept."""
+    store = CheckpointStore(tmp_path)
+    rec = store.save(
+        3, state_for(3), metrics={"val_loss": 0.25, "bad": math.nan}, metadata={"note": "x"}
+    )
+    assert rec.step == 3 and rec.metrics["val_loss"] == 0.25 and math.isnan(rec.metrics["bad"])
+    assert rec.metadata == {"note": "x"}
+    assert {f.name for f in rec.files} == {"arrays.safetensors", "state.json"}
+    assert all(f.checksum.startswith("sha256:") and f.size > 0 for f in rec.files)
+    loaded = store.load(3)
+    assert loaded["meta"] == {"step": 3, "t": (1, 2.5)}
+    np.testing.assert_array_equal(loaded["w"], state_for(3)["w"])
+    assert loaded["w"].dtype == np.float32
+    assert 3 in store and 4 not in store and len(store) == 1
+
+
+def test_a_second_store_object_sees_what_the_first_committed(tmp_path: Path) -> None:
+    """The manifest on disk, not process memory, is the source of truth."""
+    a = CheckpointStore(tmp_path)
+    b = CheckpointStore(tmp_path)
+    a.save(1, state_for(1))
+    assert [r.step for r in b.records()] == [1]
+    b.save(2, state_for(2))
+    assert [r.step for r in a.records()] == [1, 2]
+    assert a.latest() is not None and a.latest().step == 2
+
+
+def test_manifest_is_deterministic_json_without_bare_nan(tmp_path: Path) -> None:
+    """The manifest has an integer format_version, sorted keys and no NaN/Infinity tokens."""
+    store = CheckpointStore(tmp_path)
+    store.save(1, {}, metrics={"a": math.inf, "b": -math.inf, "c": math.nan, "d": 1.5})
+    text = store.manifest_path.read_text()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in manifest"))
+    assert doc["format_version"] == 1
+    assert doc["checkpoints"][0]["metrics"] == {
+        "a": "Infinity",
+        "b": "-Infinity",
+        "c": "NaN",
+        "d": 1.5,
+    }
+    assert text == json.dumps(doc, sort_keys=True, indent=1) + "\n"
+
+
+def test_saving_an_existing_step_raises_unless_overwrite(tmp_path: Path) -> None:
+    """A committed step is never replaced by accident; overwrite=True replaces it atomically."""
+    store = CheckpointStore(tmp_path)
+    first = store.save(5, state_for(5))
+    with pytest.raises(
+        CheckpointExistsError, match=r"step 5 is already committed .*overwrite=True"
+    ):
+        store.save(5, state_for(6))
+    assert store.load(5)["meta"]["step"] == 5
+    second = store.save(5, state_for(6), overwrite=True)
+    assert second.directory != first.directory
+    assert store.load(5)["meta"]["step"] == 6
+    assert not (tmp_path / first.directory).exists()
+
+
+def test_missing_step_lists_the_steps_that_exist(tmp_path: Path) -> None:
+    """Asking for a step that is not there names the steps that are."""
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoints yet"):
+        store.load()
+    for s in (1, 4):
+        store.save(s, {})
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"no checkpoint for step 2; the store has steps \[1, 4\]"
+    ) as e:
+        store.load(2)
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, CkptkitError)
+
+
+def test_best_and_load_best(tmp_path: Path) -> None:
+    """best() ranks by the monitor and mode; NaN is never best; ties go to the earlier step."""
+    store = CheckpointStore(tmp_path, monitor="val_acc")
+    assert store.mode == "max"
+    for step, acc in enumerate([0.5, math.nan, 0.9, 0.9, 0.1]):
+        store.save(step, state_for(step), metrics={"val_acc": acc})
+    best = store.best()
+    assert best is not None and best.step == 2
+    assert store.load("best")["meta"]["step"] == 2
+    with pytest.raises(ValueError, match="has no monitor"):
+        CheckpointStore(tmp_path).best()
+
+
+def test_retention_keeps_last_best_every_and_pinned(tmp_path: Path) -> None:
+    """Retention runs after each save and deletes only what no rule keeps, files included."""
+    store = CheckpointStore(tmp_path, keep_last=2, keep_best=1, monitor="loss", keep_every=5)
+    losses = [0.9, 0.1, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    for step, loss in enumerate(losses):
+        store.save(step, state_for(step), metrics={"loss": loss})
+        if step == 3:
+            store.pin(3)
+    steps = [r.step for r in store.records()]
+    assert steps == [0, 1, 3, 5, 6, 7]
+    on_disk = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_"))
+    assert on_disk == sorted(r.directory for r in store.records())
+    store.unpin(3)
+    plan = store.prune(dry_run=True)
+    assert 3 in plan.delete and 3 in store
+    store.prune()
+    assert [r.step for r in store.records()] == [0, 1, 5, 6, 7]
+
+
+def test_protected_step_survives_retention(tmp_path: Path) -> None:
+    """A step protected by this process (the one it resumed from) is not deleted."""
+    store = CheckpointStore(tmp_path, keep_last=1)
+    store.save(0, {})
+    store.protect(0)
+    store.save(1, {})
+    store.save(2, {})
+    assert [r.step for r in store.records()] == [0, 2]
+    store.unprotect(0)
+    store.save(3, {})
+    assert [r.step for r in store.records()] == [3]
+
+
+def test_best_k_over_two_processes(tmp_path: Path) -> None:
+    """A second store object continuing a run keeps the true best-k over both runs."""
+    losses = [0.5, 0.1, 0.9, 0.2, 0.8, 0.95, 0.3, 0.05, 0.7]
+    first = CheckpointStore(tmp_path, keep_last=1, keep_best=2, monitor="loss")
+    for step in range(5):
+        first.save(step, {}, metrics={"loss": losses[step]})
+    second = CheckpointStore(tmp_path, keep_last=1, keep_best=2, monitor="loss")
+    for step in range(5, 9):
+        second.save(step, {}, metrics={"loss": losses[step]})
+    assert [r.step for r in second.records()] == [1, 7, 8]
+
+
+def test_corruption_is_detected_on_load_and_verify(tmp_path: Path) -> None:
+    """A flipped bit or a truncated file raises CorruptCheckpointError naming the file."""
+    store = CheckpointStore(tmp_path)
+    rec = store.save(1, {"w": np.ones(1000)})
+    path = tmp_path / rec.directory / "arrays.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        CorruptCheckpointError, match=r"arrays\.safetensors: checksum does not match"
+    ):
+        store.load(1)
+    with pytest.raises(CorruptCheckpointError, match=r"arrays\.safetensors: checksum of step 1"):
+        store.verify(1)
+    # Skipping verification reads the (wrong) bytes without complaint: that is what it is for.
+    assert store.load(1, verify=False)["w"].sum() != 1000
+    path.write_bytes(bytes(data[:-8]))
+    with pytest.raises(CorruptCheckpointError, match="size is"):
+        store.load(1, verify=False)
+    os.unlink(path)
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        store.load(1)
+
+
+def test_fallback_loads_the_newest_checkpoint_that_verifies(tmp_path: Path) -> None:
+    """With fallback=True, a corrupt latest checkpoint is skipped with a warning."""
+    store = CheckpointStore(tmp_path)
+    for s in range(3):
+        store.save(s, state_for(s))
+    for s in (2, 1):
+        path = tmp_path / store.record(s).directory / "state.json"
+        path.write_bytes(path.read_bytes().replace(b"step", b"stop"))
+    with pytest.warns(FallbackWarning) as warned:
+        got = store.load_checkpoint(fallback=True)
+    assert got.record.step == 0 and got.state["meta"]["step"] == 0
+    assert len(warned) == 2 and "skipping corrupt step 2" in str(warned[0].message)
+    for s in range(3):
+        (tmp_path / store.record(s).directory / "state.json").write_bytes(b"{}")
+    with (
+        pytest.warns(FallbackWarning),
+        pytest.raises(CorruptCheckpointError, match="no checkpoint verifies"),
+    ):
+        store.load(fallback=True)
+
+
+def test_unsupported_leaf_raises_type_error_and_writes_nothing(tmp_path: Path) -> None:
+    """A leaf ckptkit cannot save raises at save time, naming its key path; nothing is written."""
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(UnsupportedStateError, match=r"opt.*lr") as e:
+        store.save(1, {"opt": {"lr": {1, 2}}})
+    assert isinstance(e.value, TypeError)
+    assert len(store) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckptkit.lock"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"step": -1}, ValueError, "step must be a non-negative int, got -1"),
+        ({"step": 1.5}, TypeError, "step must be a non-negative int"),
+        ({"step": True}, TypeError, "step must be a non-negative int"),
+        ({"metrics": {"loss": "low"}}, TypeError, "metric 'loss' of step 1 must be a number"),
+        ({"metrics": {"ok": True}}, TypeError, "metric 'ok' of step 1 is a bool"),
+        ({"metrics": [1.0]}, TypeError, "metrics of step 1 must be a mapping"),
+        ({"metadata": {"x": np.ones(2)}}, UnsupportedStateError, "metadata of step 1"),
+    ],
+)
+def test_bad_save_arguments(
+    tmp_path: Path, kwargs: dict[str, object], error: type, message: str
+) -> None:
+    """Bad steps, metrics and metadata raise errors that say what and where, and commit nothing."""
+    store = CheckpointStore(tmp_path)
+    args: dict[str, object] = {"step": 1, "state": {}, **kwargs}
+    with pytest.raises(error, match=message):
+        store.save(**args)  # type: ignore[arg-type]
+    assert len(store) == 0
+
+
+def test_bad_store_arguments(tmp_path: Path) -> None:
+    """Constructor arguments are checked with messages naming the argument."""
+    with pytest.raises(ValueError, match="cannot tell whether 'score'"):
+        CheckpointStore(tmp_path, monitor="score")
+    with pytest.raises(ValueError, match="lock_timeout"):
+        CheckpointStore(tmp_path, lock_timeout=-1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="must be a directory"):
+        CheckpointStore(tmp_path / "file")
+
+
+def test_newer_manifest_format_is_refused(tmp_path: Path) -> None:
+    """A manifest from a newer format version is not misread."""
+    store = CheckpointStore(tmp_path)
+    store.save(1, {})
+    doc = json.loads(store.manifest_path.read_text())
+    doc["format_version"] = 99
+    store.manifest_path.write_text(json.dumps(doc))
+    with pytest.raises(StoreFormatError, match=r"format_version 99 is newer .* upgrade ckptkit-ml"):
+        store.records()
+
+
+def test_opening_sweeps_crash_leftovers_but_nothing_else(tmp_path: Path) -> None:
+    """Temporaries and unlisted step directories go; files the store did not create stay."""
+    store = CheckpointStore(tmp_path)
+    rec = store.save(1, {"w": np.zeros(2)})
+    (tmp_path / ".ckptkit-tmp-0123456789abcdef").mkdir()
+    (tmp_path / ".ckptkit-tmp-0123456789abcdef" / "arrays.safetensors").write_bytes(b"x")
+    (tmp_path / ".ckptkit-tmp-fedcba9876543210.json").write_text("{}")
+    orphan = tmp_path / "step_000000000002"
+    orphan.mkdir()
+    (orphan / "state.json").write_text("{}")
+    mine = tmp_path / "step_000000000003"
+    mine.mkdir()
+    (mine / "state.json").write_text("{}")
+    (mine / "notes.txt").write_text("user file")
+    (tmp_path / "README.txt").write_text("user file")
+    (tmp_path / rec.directory / "extra.txt").write_text("user file")
+    CheckpointStore(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        ".ckptkit.lock",
+        "README.txt",
+        "manifest.json",
+        rec.directory,
+        "step_000000000003",
+    ]
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert store.load(1)["w"].shape == (2,)
+
+
+def test_lock_timeout_raises_a_clear_error(tmp_path: Path) -> None:
+    """A save that cannot get the lock in time raises LockTimeoutError naming the lock file."""
+    import filelock
+
+    store = CheckpointStore(tmp_path, lock_timeout=0.05)
+    holder = filelock.FileLock(tmp_path / ".ckptkit.lock", thread_local=False, is_singleton=False)
+    # A lock held by another open file description: the same as another process holding it.
+    import threading
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with holder:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    try:
+        with pytest.raises(LockTimeoutError, match=r"held the store's lock .*lock_timeout=0.05"):
+            store.save(1, {})
+    finally:
+        release.set()
+        t.join()
+    store.save(1, {})
+    assert 1 in store
+
+
+def test_protections_nest(tmp_path: Path) -> None:
+    """A step protected for two reasons stays protected until both are withdrawn."""
+    store = CheckpointStore(tmp_path, keep_last=1)
+    store.save(0, {})
+    store.protect(0)
+    store.protect(0)
+    store.unprotect(0)
+    store.save(1, {})
+    assert 0 in store
+    store.unprotect(0)
+    store.save(2, {})
+    assert [r.step for r in store.records()] == [2]

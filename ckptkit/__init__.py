@@ -1,7 +1,11 @@
-"""ckptkit: crash-safe checkpoints, exact resume and early stopping for any training loop."""
+"""ckptkit: crash-safe checkpoints, exact resume and early stopping for any training loop.
+
+The core imports no deep-learning framework; adapters live in ``ckptkit.adapters``.
+"""
 
 from __future__ import annotations
 
+from ckptkit._checkpointer import Checkpointer, Stateful
 from ckptkit._errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -9,23 +13,38 @@ from ckptkit._errors import (
     ConfigMismatchError,
     CorruptCheckpointError,
     LockTimeoutError,
+    MissingMetricError,
     StoreFormatError,
     UnsupportedStateError,
 )
 from ckptkit._modes import AUTO_MODES
+from ckptkit._policy import ConfigChangedWarning, Decision, StoppingPolicy
 from ckptkit._record import CheckpointRecord, FileEntry
+from ckptkit._retention import RetentionPlan, RetentionPolicy
+from ckptkit._store import Checkpoint, CheckpointStore, FallbackWarning
 from ckptkit._version import __version__
 
 __all__ = [
     "AUTO_MODES",
+    "Checkpoint",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CheckpointRecord",
+    "CheckpointStore",
+    "Checkpointer",
     "CkptkitError",
+    "ConfigChangedWarning",
     "ConfigMismatchError",
     "CorruptCheckpointError",
+    "Decision",
+    "FallbackWarning",
     "FileEntry",
     "LockTimeoutError",
+    "MissingMetricError",
+    "RetentionPlan",
+    "RetentionPolicy",
+    "Stateful",
+    "StoppingPolicy",
     "StoreFormatError",
     "UnsupportedStateError",
     "__version__",

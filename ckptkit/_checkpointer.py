@@ -1,0 +1,238 @@
+"""Checkpointer: a store, a stopping policy and the training state, for a hand-written loop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from ckptkit._errors import CheckpointNotFoundError, MissingMetricError
+from ckptkit._policy import Decision, StoppingPolicy
+from ckptkit._record import CheckpointRecord
+from ckptkit._store import CheckpointStore
+from ckptkit._validate import check_step
+
+#: Metadata key under which the checkpointer keeps its own state (the policy's) in each record.
+RESERVED_METADATA_KEY = "ckptkit"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` returning a state tree and ``load_state_dict(tree)``."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any, /) -> Any: ...
+
+
+class Checkpointer:
+    """Ties a :class:`CheckpointStore`, a :class:`StoppingPolicy` and the training state together.
+
+    Each :meth:`step` observes the monitored metric, saves a checkpoint holding the state and
+    the policy's counters, and applies the store's retention; :meth:`resume` brings both back,
+    so a restarted run decides and continues exactly as the uninterrupted one.
+
+    Which steps are saved: every ``save_every``-th (those with ``(step + 1) % save_every == 0``),
+    every step where the policy sees an improvement (so the best is always restorable), and the
+    step where the policy says stop. With ``save_best_only=True``, only improvements are saved.
+
+    Args:
+        store: where checkpoints go.
+        policy: the stopping policy, or None to only save.
+        state: an object with ``state_dict()``/``load_state_dict()``, or a dict of them by name.
+        save_every: save every this many steps (1: every step).
+        save_best_only: save only steps where the policy sees an improvement (Keras
+            ``ModelCheckpoint(save_best_only=True)``).
+
+    Example:
+        >>> ckpt = Checkpointer(store, StoppingPolicy(monitor="val_loss", patience=3), model)
+        >>> start = ckpt.resume()
+        >>> for epoch in range(start, 100):
+        ...     if ckpt.step(epoch, {"val_loss": train_one_epoch()}).should_stop:
+        ...         break
+        >>> ckpt.restore_best()
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        policy: StoppingPolicy | None,
+        state: Stateful | Mapping[str, Stateful],
+        *,
+        save_every: int = 1,
+        save_best_only: bool = False,
+    ) -> None:
+        if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+            raise ValueError(f"save_every must be an int >= 1, got {save_every!r}")
+        if save_best_only and policy is None:
+            raise ValueError("save_best_only=True needs a policy to say what an improvement is")
+        if isinstance(state, Mapping):
+            for name, obj in state.items():
+                _check_stateful(obj, f"state[{name!r}]")
+        else:
+            _check_stateful(state, "state")
+        self.store = store
+        self.policy = policy
+        self.state = state
+        self.save_every = save_every
+        self.save_best_only = save_best_only
+        self.resumed_from: CheckpointRecord | None = None
+        self._best_protected: int | None = None
+
+    def resume(self, *, fallback: bool = True) -> int:
+        """Restore the latest checkpoint into the state and the policy; return the next step.
+
+        Returns 0 when the store is empty. With ``fallback`` (the default), a latest checkpoint
+        that fails verification is skipped with a ``FallbackWarning`` for the newest one that
+        verifies. The checkpoint resumed from is protected from retention in this process.
+        """
+        if self.store.latest() is None:
+            return 0
+        loaded = self.store.load_checkpoint(None, fallback=fallback)
+        self._load_state(loaded.state, loaded.record)
+        if self.policy is not None:
+            saved = loaded.record.metadata.get(RESERVED_METADATA_KEY, {}).get("policy")
+            if saved is not None:
+                self.policy.load_state_dict(saved)
+            self._protect_best()
+        self.store.protect(loaded.record.step)
+        self.resumed_from = loaded.record
+        return loaded.record.step + 1
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the policy has said stop, including in a run resumed after the stop."""
+        return self.policy is not None and self.policy.should_stop
+
+    def step(
+        self,
+        step: int,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Decision | None:
+        """Observe the monitored metric, save if due, apply retention; return the decision.
+
+        Returns None when the checkpointer has no policy.
+
+        Raises:
+            MissingMetricError: the policy's monitor is not among ``metrics`` (the message lists
+                the names there are).
+        """
+        step = check_step(step)
+        decision = None
+        if self.policy is not None:
+            monitor = self.policy.monitor
+            if metrics is None or monitor not in metrics:
+                names = sorted(metrics) if metrics else []
+                raise MissingMetricError(
+                    f"step {step}: the policy monitors {monitor!r}, but the metrics passed have "
+                    f"only {names}; pass {monitor!r} in the metrics of every step"
+                )
+            if self.policy.should_stop:
+                # Stopped earlier (maybe before a restart): nothing new to decide or save.
+                return self.policy.observe(metrics[monitor], step=step)
+            decision = self.policy.observe(metrics[monitor], step=step)
+        if self._due(step, decision):
+            self.save(step, metrics, metadata=metadata)
+        return decision
+
+    def _due(self, step: int, decision: Decision | None) -> bool:
+        if decision is not None and decision.improved:
+            return True
+        if self.save_best_only:
+            return False
+        if decision is not None and decision.should_stop:
+            return True  # saved with the policy's stopped state, so a restart stops too
+        return (step + 1) % self.save_every == 0
+
+    def save(
+        self,
+        step: int,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> CheckpointRecord:
+        """Save a checkpoint now, whatever the schedule (for example before a preemption)."""
+        meta = dict(metadata or {})
+        if RESERVED_METADATA_KEY in meta:
+            raise ValueError(
+                f"metadata key {RESERVED_METADATA_KEY!r} is reserved for ckptkit's own state; "
+                "rename that key"
+            )
+        if self.policy is not None:
+            meta[RESERVED_METADATA_KEY] = {"policy": self.policy.state_dict()}
+        record = self.store.save(step, self._state_dict(), metrics, meta)
+        self._protect_best()
+        return record
+
+    def restore_best(self) -> CheckpointRecord:
+        """Load the best checkpoint into the state and return its record.
+
+        The best is the policy's (``policy.best_step``, counting ``min_delta`` as Keras'
+        ``restore_best_weights`` does); without a policy, the store's best by its monitor.
+        The policy itself is left as it is.
+
+        Raises:
+            CheckpointNotFoundError: there is no best, or it was not saved.
+        """
+        if self.policy is not None:
+            best_step = self.policy.best_step
+            if best_step is None:
+                raise CheckpointNotFoundError(
+                    f"{self.store.root}: the policy has seen no improvement yet, so there is no "
+                    "best checkpoint to restore"
+                )
+            loaded = self.store.load_checkpoint(best_step)
+        else:
+            record = self.store.best()
+            if record is None:
+                raise CheckpointNotFoundError(
+                    f"{self.store.root}: no checkpoint has a finite {self.store.monitor!r} metric"
+                )
+            loaded = self.store.load_checkpoint(record.step)
+        self._load_state(loaded.state, loaded.record)
+        return loaded.record
+
+    def _protect_best(self) -> None:
+        best = self.policy.best_step if self.policy is not None else None
+        if best == self._best_protected:
+            return
+        if self._best_protected is not None:
+            self.store.unprotect(self._best_protected)
+        self._best_protected = best
+        if best is not None:
+            self.store.protect(best)
+
+    def _state_dict(self) -> Any:
+        if isinstance(self.state, Mapping):
+            return {name: obj.state_dict() for name, obj in self.state.items()}
+        return self.state.state_dict()
+
+    def _load_state(self, tree: Any, record: CheckpointRecord) -> None:
+        if not isinstance(self.state, Mapping):
+            self.state.load_state_dict(tree)
+            return
+        if not isinstance(tree, Mapping):
+            raise ValueError(
+                f"step {record.step}: the checkpoint's state is not a dict of named parts"
+            )
+        missing = sorted(set(self.state) - set(tree))
+        unexpected = sorted(set(tree) - set(self.state))
+        if missing or unexpected:
+            raise ValueError(
+                f"step {record.step}: the checkpoint's parts do not match the state's: missing "
+                f"{missing}, unexpected {unexpected}; pass the same names as when it was saved"
+            )
+        for name, obj in self.state.items():
+            obj.load_state_dict(tree[name])
+
+
+def _check_stateful(obj: object, where: str) -> None:
+    if not (
+        callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    ):
+        raise TypeError(
+            f"{where} is a {type(obj).__name__}, which has no state_dict()/load_state_dict(); "
+            "wrap it, or use an adapter (ckptkit.adapters.torch.TorchState, ...)"
+        )

@@ -1,0 +1,154 @@
+"""Checkpointer: resume, the save schedule, restore_best and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ckptkit import (
+    Checkpointer,
+    CheckpointNotFoundError,
+    CheckpointStore,
+    MissingMetricError,
+    StoppingPolicy,
+)
+
+
+class Toy:
+    """A training state: weights and the generator that drives them."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.w = np.zeros(4)
+        self.rng = np.random.default_rng(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w": self.w, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.w = state["w"].copy()
+        self.rng.bit_generator.state = state["rng"]
+
+    def train(self) -> float:
+        self.w = self.w + self.rng.normal(size=4)
+        return float(np.abs(self.w).sum())
+
+
+def run(
+    root: Path, *, until: int | None = None, max_epochs: int = 40, **kwargs: Any
+) -> tuple[Toy, Checkpointer, list[Any]]:
+    """Train with a fresh process's objects; stop after `until` epochs to stand in for a crash."""
+    toy = Toy()
+    store = CheckpointStore(root, keep_last=2, keep_best=1, monitor="loss")
+    policy = StoppingPolicy(monitor="loss", mode="min", patience=4, min_delta=0.05)
+    ckpt = Checkpointer(store, policy, toy, **kwargs)
+    decisions = []
+    for epoch in range(ckpt.resume(), max_epochs):
+        if until is not None and epoch >= until:
+            break
+        decision = ckpt.step(epoch, {"loss": toy.train()})
+        decisions.append(decision)
+        if decision is not None and decision.should_stop:
+            break
+    return toy, ckpt, decisions
+
+
+def test_resume_at_every_epoch_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Interrupted after any epoch and resumed, the run ends with the same state and decisions."""
+    ref, ref_ckpt, ref_decisions = run(tmp_path / "ref")
+    assert ref_ckpt.should_stop
+    stop = ref_decisions[-1].step
+    for k in range(1, stop + 1):
+        root = tmp_path / f"cut{k}"
+        _, _, first = run(root, until=k)
+        toy, ckpt, second = run(root)
+        assert first + second == ref_decisions, f"interrupted after {k} epochs"
+        assert toy.w.tobytes() == ref.w.tobytes()
+        assert ckpt.resumed_from is not None and ckpt.resumed_from.step == k - 1
+
+
+def test_a_stopped_run_resumes_stopped(tmp_path: Path) -> None:
+    """After the stop, a restart reports should_stop and saves nothing more."""
+    _, _, decisions = run(tmp_path)
+    steps_before = [r.step for r in CheckpointStore(tmp_path).records()]
+    _, ckpt, more = run(tmp_path)
+    assert ckpt.should_stop
+    assert len(more) == 1 and more[0].should_stop  # the loop trained once more, then stopped
+    assert [r.step for r in CheckpointStore(tmp_path).records()] == steps_before
+    assert ckpt.policy is not None and ckpt.policy.stop_reason == decisions[-1].reason
+
+
+def test_restore_best_loads_the_policys_best(tmp_path: Path) -> None:
+    """restore_best loads the step the policy holds as best, even past keep_last."""
+    toy, ckpt, decisions = run(tmp_path)
+    best = ckpt.restore_best()
+    assert ckpt.policy is not None and best.step == ckpt.policy.best_step
+    assert best.step < decisions[-1].step - 2  # outside keep_last=2: kept because protected
+    assert toy.w.tobytes() == ckpt.store.load(best.step)["w"].tobytes()
+
+
+def test_save_schedule(tmp_path: Path) -> None:
+    """save_every saves every N-th step plus improvements and the stop; save_best_only only improvements."""
+    toy = Toy()
+    store = CheckpointStore(tmp_path / "a")
+    policy = StoppingPolicy(monitor="loss", mode="min", patience=2)
+    ckpt = Checkpointer(store, policy, toy, save_every=3)
+    losses = [5.0, 4.0, 4.5, 4.6, 4.7, 4.8]
+    for step, loss in enumerate(losses):
+        if ckpt.step(step, {"loss": loss}).should_stop:  # type: ignore[union-attr]
+            break
+    # 0, 1: improvements; 2: every third; 3: the stop.
+    assert [r.step for r in store.records()] == [0, 1, 2, 3]
+
+    store = CheckpointStore(tmp_path / "b")
+    ckpt = Checkpointer(
+        store, StoppingPolicy(monitor="loss", mode="min", patience=9), toy, save_best_only=True
+    )
+    for step, loss in enumerate([3.0, 4.0, 2.0, 2.5]):
+        ckpt.step(step, {"loss": loss})
+    assert [r.step for r in store.records()] == [0, 2]
+
+
+def test_without_a_policy_it_only_saves(tmp_path: Path) -> None:
+    """With policy=None, step() saves on schedule and returns None."""
+    store = CheckpointStore(tmp_path)
+    ckpt = Checkpointer(store, None, Toy(), save_every=2)
+    assert [ckpt.step(s) for s in range(4)] == [None] * 4
+    assert [r.step for r in store.records()] == [1, 3]
+    with pytest.raises(ValueError, match="save_best_only=True needs a policy"):
+        Checkpointer(store, None, Toy(), save_best_only=True)
+
+
+def test_dict_of_stateful_parts(tmp_path: Path) -> None:
+    """A dict of named parts is saved and restored part by part; mismatched names are refused."""
+    store = CheckpointStore(tmp_path)
+    a, b = Toy(1), Toy(2)
+    a.train()
+    Checkpointer(store, None, {"a": a, "b": b}).save(0)
+    a2, b2 = Toy(), Toy()
+    assert Checkpointer(store, None, {"a": a2, "b": b2}).resume() == 1
+    assert a2.w.tobytes() == a.w.tobytes() and b2.w.tobytes() == b.w.tobytes()
+    with pytest.raises(ValueError, match=r"missing \['c'\], unexpected \['b'\]"):
+        Checkpointer(store, None, {"a": Toy(), "c": Toy()}).resume()
+
+
+def test_errors_say_what_to_do(tmp_path: Path) -> None:
+    """Missing metrics, reserved metadata, bad state objects and no best get clear errors."""
+    store = CheckpointStore(tmp_path)
+    ckpt = Checkpointer(store, StoppingPolicy(monitor="val_loss", mode="min"), Toy())
+    with pytest.raises(
+        MissingMetricError,
+        match=r"monitors 'val_loss', but the metrics passed have only \['loss'\]",
+    ):
+        ckpt.step(0, {"loss": 1.0})
+    with pytest.raises(ValueError, match="'ckptkit' is reserved"):
+        ckpt.save(0, metadata={"ckptkit": 1})
+    with pytest.raises(CheckpointNotFoundError, match="no improvement yet"):
+        ckpt.restore_best()
+    with pytest.raises(TypeError, match=r"state\['m'\] is a list, which has no state_dict"):
+        Checkpointer(store, None, {"m": []})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="save_every must be an int >= 1"):
+        Checkpointer(store, None, Toy(), save_every=0)
+    assert len(store) == 0

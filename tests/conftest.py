@@ -16,6 +16,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
-    if os.environ.get("CKPTKIT_NO_SKIP") == "1" and report.skipped and not hasattr(report, "wasxfail"):
+    if (
+        os.environ.get("CKPTKIT_NO_SKIP") == "1"
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+    ):
         report.outcome = "failed"
-        report.longrepr = f"skipped in a run that forbids skips (CKPTKIT_NO_SKIP=1): {report.longrepr}"
+        report.longrepr = (
+            f"skipped in a run that forbids skips (CKPTKIT_NO_SKIP=1): {report.longrepr}"
+        )

@@ -48,21 +48,25 @@ def decode_metric(value: object, *, where: str) -> float:
 
 
 def dumps(records: Sequence[CheckpointRecord]) -> bytes:
-    """Serialise records to the manifest's deterministic JSON bytes."""
+    """Serialise records to the manifest's deterministic JSON bytes.
+
+    The format's own keys are written in sorted order; the keys of metrics and metadata keep
+    the order they were given in, so metadata loads back with its key order.
+    """
     checkpoints: list[dict[str, Any]] = [
         {
-            "step": r.step,
-            "directory": r.directory,
             "created": r.created,
-            "pinned": r.pinned,
-            "metrics": {k: encode_metric(v) for k, v in r.metrics.items()},
+            "directory": r.directory,
+            "files": [{"checksum": f.checksum, "name": f.name, "size": f.size} for f in r.files],
             "metadata": encode_json_value(dict(r.metadata), what=f"metadata of step {r.step}"),
-            "files": [{"name": f.name, "size": f.size, "checksum": f.checksum} for f in r.files],
+            "metrics": {k: encode_metric(v) for k, v in r.metrics.items()},
+            "pinned": r.pinned,
+            "step": r.step,
         }
         for r in sorted(records, key=lambda r: r.step)
     ]
-    doc: dict[str, Any] = {"format_version": FORMAT_VERSION, "checkpoints": checkpoints}
-    return (json.dumps(doc, sort_keys=True, indent=1, allow_nan=False) + "\n").encode("ascii")
+    doc: dict[str, Any] = {"checkpoints": checkpoints, "format_version": FORMAT_VERSION}
+    return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("ascii")
 
 
 def loads(data: bytes, *, path: str) -> list[CheckpointRecord]:

@@ -52,7 +52,7 @@ def check_store(root: Path, committed: list[int]) -> CheckpointStore:
     assert len(unlisted) <= 3, unlisted
     for record in records:
         state = store.load(record.step)
-        want = expected_state(record.step)
+        want = expected_state(record.step, state["version"])
         assert state["step"] == record.step
         assert state["small"]["t"] == want["small"]["t"]
         for got_a, want_a in (
@@ -89,6 +89,24 @@ def test_sigkill_at_every_file_system_call_of_a_save(tmp_path: Path) -> None:
         assert code == -signal.SIGKILL
         k += 1
     assert k > 8, f"a save made only {k - 1} file-system calls; the kill points did not cover it"
+
+
+def test_sigkill_during_an_overwrite_leaves_the_old_or_the_new_state_whole(tmp_path: Path) -> None:
+    """overwrite=True is atomic: killed at any call, the step holds the old or the new state, whole."""
+    k = 1
+    outcomes = set()
+    while True:
+        root = tmp_path / f"k{k}"
+        code, committed = run_writer(root, 3)
+        assert code == 0
+        code, _ = run_writer(root, 0, kill_at=k)
+        store = check_store(root, committed)
+        outcomes.add(store.load(2)["version"])
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL
+        k += 1
+    assert outcomes == {0, 1}
 
 
 def test_sigkill_at_random_instants(tmp_path: Path) -> None:

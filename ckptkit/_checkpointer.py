@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from ckptkit._errors import CheckpointNotFoundError, MissingMetricError
+from ckptkit._errors import (
+    CheckpointNotFoundError,
+    CkptkitError,
+    CorruptCheckpointError,
+    MissingMetricError,
+)
 from ckptkit._policy import Decision, StoppingPolicy
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore
@@ -33,7 +38,9 @@ class Checkpointer:
 
     Which steps are saved: every ``save_every``-th (those with ``(step + 1) % save_every == 0``),
     every step where the policy sees an improvement (so the best is always restorable), and the
-    step where the policy says stop. With ``save_best_only=True``, only improvements are saved.
+    step where the policy says stop. With ``save_best_only=True``, only improvements are saved;
+    the stop is then not recorded, so a restart re-runs the steps after the last improvement
+    and (the run being deterministic) stops again at the same step.
 
     Args:
         store: where checkpoints go.
@@ -77,6 +84,7 @@ class Checkpointer:
         self.save_best_only = save_best_only
         self.resumed_from: CheckpointRecord | None = None
         self._best_protected: int | None = None
+        self._overwrite_after: int | None = None
 
     def resume(self, *, fallback: bool = True) -> int:
         """Restore the latest checkpoint into the state and the policy; return the next step.
@@ -85,15 +93,27 @@ class Checkpointer:
         that fails verification is skipped with a ``FallbackWarning`` for the newest one that
         verifies. The checkpoint resumed from is protected from retention in this process.
         """
-        if self.store.latest() is None:
+        latest = self.store.latest()
+        if latest is None:
             return 0
         loaded = self.store.load_checkpoint(None, fallback=fallback)
         self._load_state(loaded.state, loaded.record)
         if self.policy is not None:
-            saved = loaded.record.metadata.get(RESERVED_METADATA_KEY, {}).get("policy")
+            saved = self._saved_policy_state(loaded.record)
             if saved is not None:
-                self.policy.load_state_dict(saved)
+                try:
+                    self.policy.load_state_dict(saved)
+                except ValueError as e:
+                    if isinstance(e, CkptkitError):
+                        raise
+                    raise CorruptCheckpointError(
+                        f"{self.store.root}: the stopping state saved with step "
+                        f"{loaded.record.step} is malformed: {e}"
+                    ) from e
             self._protect_best()
+        # After a fallback past corrupt checkpoints, the loop re-runs their steps: let its
+        # saves replace them instead of failing on "already committed".
+        self._overwrite_after = loaded.record.step if loaded.record.step < latest.step else None
         self.store.protect(loaded.record.step)
         self.resumed_from = loaded.record
         return loaded.record.step + 1
@@ -161,7 +181,8 @@ class Checkpointer:
             )
         if self.policy is not None:
             meta[RESERVED_METADATA_KEY] = {"policy": self.policy.state_dict()}
-        record = self.store.save(step, self._state_dict(), metrics, meta)
+        overwrite = self._overwrite_after is not None and step > self._overwrite_after
+        record = self.store.save(step, self._state_dict(), metrics, meta, overwrite=overwrite)
         self._protect_best()
         return record
 
@@ -192,6 +213,18 @@ class Checkpointer:
             loaded = self.store.load_checkpoint(record.step)
         self._load_state(loaded.state, loaded.record)
         return loaded.record
+
+    def _saved_policy_state(self, record: CheckpointRecord) -> Any:
+        own = record.metadata.get(RESERVED_METADATA_KEY)
+        if own is None:
+            return None
+        if not isinstance(own, Mapping):
+            raise CorruptCheckpointError(
+                f"{self.store.root}: metadata key {RESERVED_METADATA_KEY!r} of step {record.step} "
+                f"holds a {type(own).__name__}, not ckptkit's state; that key is reserved, so "
+                "save such values under another key"
+            )
+        return own.get("policy")
 
     def _protect_best(self) -> None:
         best = self.policy.best_step if self.policy is not None else None
@@ -234,5 +267,5 @@ def _check_stateful(obj: object, where: str) -> None:
     ):
         raise TypeError(
             f"{where} is a {type(obj).__name__}, which has no state_dict()/load_state_dict(); "
-            "wrap it, or use an adapter (ckptkit.adapters.torch.TorchState, ...)"
+            "wrap it in an object that has both"
         )

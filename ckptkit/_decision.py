@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ckptkit._modes import Mode, resolve_mode
+from ckptkit._validate import to_float
 
 MinDeltaMode = Literal["abs", "rel"]
 STATE_VERSION = 1
@@ -161,36 +162,8 @@ class PolicyConfig:
 
 
 def as_float(value: object, *, monitor: str, step: int) -> float:
-    """``value`` as a float: ints, floats, numpy real scalars and 0-d real arrays are accepted.
-
-    Raises:
-        TypeError: the value is not a real number (bools, strings, complex, arrays with more
-            than one element are refused rather than guessed at).
-    """
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-        return float(value)
-    if isinstance(value, (np.ndarray, np.generic)) and value.ndim == 0:
-        kind = value.dtype.kind
-        # "V" covers ml_dtypes' bfloat16 and float8; structured voids fail float() below.
-        if kind in "iuf" or kind == "V":
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                pass
-    shape = f" of shape {value.shape}" if isinstance(value, np.ndarray) else ""
-    raise TypeError(
-        f"{monitor} at step {step} must be a real number (int, float, numpy scalar or 0-d array), "
-        f"got {type(value).__name__}{shape}: {value!r:.80}; pass float(x) or x.item()"
-    )
-
-
-def check_step(step: object) -> int:
-    """``step`` as an int >= 0; raises TypeError or ValueError naming the bad step."""
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"step must be an int >= 0 or None, got {type(step).__name__}: {step!r}")
-    if step < 0:
-        raise ValueError(f"step must be an int >= 0 or None, got {step}")
-    return int(step)
+    """``value`` as a float; see :func:`ckptkit._validate.to_float` for what is accepted."""
+    return to_float(value, where=f"{monitor} at step {step}")
 
 
 def read_state(state: object) -> dict[str, Any]:

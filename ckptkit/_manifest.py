@@ -24,7 +24,7 @@ MANIFEST_NAME = "manifest.json"
 
 #: Directory names the store gives checkpoints: ``step_`` and at least 12 digits, and a
 #: ``.N`` suffix for a checkpoint written over an existing step.
-CHECKPOINT_DIR = re.compile(r"step_(\d{12,})(\.\d+)?")
+CHECKPOINT_DIR = re.compile(r"step_([0-9]{12,})(\.[0-9]+)?")
 #: File names the store writes inside a checkpoint directory.
 CHECKPOINT_FILES = ("arrays.safetensors", "state.json")
 
@@ -117,8 +117,13 @@ def _record_from_json(entry: object) -> CheckpointRecord:
         raise ValueError(f"step {step!r} is not a non-negative integer")
     where = f"step {step}"
     directory = entry["directory"]
-    if not isinstance(directory, str) or not CHECKPOINT_DIR.fullmatch(directory):
-        raise ValueError(f"{where}: directory {directory!r} is not a checkpoint directory name")
+    # The directory must name this step: with steps unique, no two records can share files
+    # (deleting one would destroy the other).
+    match = CHECKPOINT_DIR.fullmatch(directory) if isinstance(directory, str) else None
+    if match is None or int(match.group(1)) != step:
+        raise ValueError(
+            f"{where}: directory {directory!r} is not a checkpoint directory name of this step"
+        )
     created = entry["created"]
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise ValueError(f"{where}: created {created!r} is not a number")
@@ -134,6 +139,9 @@ def _record_from_json(entry: object) -> CheckpointRecord:
     files = entry["files"]
     if not isinstance(files, list):
         raise ValueError(f"{where}: files must be a list")
+    names = [f.get("name") if isinstance(f, dict) else None for f in files]
+    if len(set(map(str, names))) != len(names):
+        raise ValueError(f"{where}: a file is listed twice")
     return CheckpointRecord(
         step=step,
         directory=directory,

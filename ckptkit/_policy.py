@@ -16,11 +16,11 @@ from ckptkit._decision import (
     Decision,
     PolicyConfig,
     as_float,
-    check_step,
     read_state,
 )
 from ckptkit._errors import ConfigMismatchError
 from ckptkit._modes import Mode
+from ckptkit._validate import check_step
 
 __all__ = ["ConfigChangedWarning", "Decision", "StoppingPolicy"]
 

@@ -52,7 +52,7 @@ def read_state(root: Path, record: CheckpointRecord, *, verify: bool) -> Any:
     if not isinstance(doc, dict) or "tree" not in doc:
         raise CorruptCheckpointError(f"{state_path}: expected an object with a 'tree' field")
     version = doc.get("format_version")
-    if version != STATE_FORMAT_VERSION:
+    if type(version) is not int or version != STATE_FORMAT_VERSION:
         raise CorruptCheckpointError(
             f"{state_path}: state format_version {version!r} is not one this ckptkit reads "
             f"({STATE_FORMAT_VERSION}); upgrade ckptkit-ml"
@@ -61,3 +61,24 @@ def read_state(root: Path, record: CheckpointRecord, *, verify: bool) -> Any:
         buffers["arrays.safetensors"], source=str(directory / "arrays.safetensors")
     )
     return unflatten_state(doc["tree"], arrays, source=str(state_path))
+
+
+def verify_files(root: Path, record: CheckpointRecord) -> None:
+    """Check each file of a checkpoint against the size and checksum the manifest lists.
+
+    Raises:
+        CorruptCheckpointError: naming the first file that is missing or differs.
+    """
+    directory = root / record.directory
+    for entry in record.files:
+        path = directory / entry.name
+        try:
+            size, checksum = _fsio.file_checksum(path)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{path}: file of step {record.step} is missing") from None
+        if (size, checksum) != (entry.size, entry.checksum):
+            what = "size" if size != entry.size else "checksum"
+            raise CorruptCheckpointError(
+                f"{path}: {what} of step {record.step} does not match the manifest "
+                f"({size} bytes {checksum}, expected {entry.size} bytes {entry.checksum})"
+            )

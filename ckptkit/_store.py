@@ -31,19 +31,19 @@ from typing import Any, Literal
 
 import filelock
 
-from ckptkit import _fsio, _manifest
+from ckptkit import _manifest
+from ckptkit._commit import commit_manifest, delete_checkpoints, sweep, write_directory
 from ckptkit._errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     LockTimeoutError,
 )
-from ckptkit._manifest import CHECKPOINT_DIR, CHECKPOINT_FILES, MANIFEST_NAME
+from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode, resolve_mode
-from ckptkit._reader import STATE_FORMAT_VERSION, read_state
-from ckptkit._record import CheckpointRecord, FileEntry
+from ckptkit._reader import STATE_FORMAT_VERSION, read_state, verify_files
+from ckptkit._record import CheckpointRecord
 from ckptkit._retention import RetentionPlan, RetentionPolicy
-from ckptkit._safetensors import write_safetensors
 from ckptkit._tree import decode_json_value, encode_json_value, flatten_state
 from ckptkit._validate import check_metrics, check_step
 
@@ -108,7 +108,11 @@ class CheckpointStore:
             mode=resolved,
             keep_every=keep_every,
         )
-        if not lock_timeout >= 0:
+        if (
+            isinstance(lock_timeout, bool)
+            or not isinstance(lock_timeout, (int, float))
+            or not lock_timeout >= 0
+        ):
             raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
@@ -211,7 +215,7 @@ class CheckpointStore:
         for i, record in enumerate(candidates):
             try:
                 return Checkpoint(record=record, state=self._read(record, verify=True))
-            except CorruptCheckpointError as e:
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 errors.append(str(e))
                 nxt = f"trying step {candidates[i + 1].step}" if i + 1 < len(candidates) else ""
                 warnings.warn(
@@ -230,21 +234,7 @@ class CheckpointStore:
             CorruptCheckpointError: naming the first file that is missing or differs.
         """
         record = self._select(self.records(), step)
-        directory = self.root / record.directory
-        for entry in record.files:
-            path = directory / entry.name
-            try:
-                size, checksum = _fsio.file_checksum(path)
-            except FileNotFoundError:
-                raise CorruptCheckpointError(
-                    f"{path}: file of step {record.step} is missing"
-                ) from None
-            if (size, checksum) != (entry.size, entry.checksum):
-                what = "size" if size != entry.size else "checksum"
-                raise CorruptCheckpointError(
-                    f"{path}: {what} of step {record.step} does not match the manifest "
-                    f"({size} bytes {checksum}, expected {entry.size} bytes {entry.checksum})"
-                )
+        verify_files(self.root, record)
         return record
 
     def _read(self, record: CheckpointRecord, *, verify: bool) -> Any:
@@ -253,8 +243,8 @@ class CheckpointStore:
         except FileNotFoundError as e:
             if record.directory not in {r.directory for r in self.records()}:
                 raise CheckpointNotFoundError(
-                    f"{self.root}: step {record.step} was deleted (by another process's "
-                    "retention) while it was being loaded; load again"
+                    f"{self.root}: step {record.step} was deleted or overwritten by another "
+                    "process while it was being loaded; load again"
                 ) from None
             raise CorruptCheckpointError(
                 f"{e.filename}: a file of step {record.step} listed in the manifest is missing; "
@@ -273,8 +263,9 @@ class CheckpointStore:
                     f"{self.root}: no checkpoint has a finite {self.monitor!r} metric, so none is best"
                 )
             return best
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"step must be an int, None, 'latest' or 'best', got {step!r}")
+        if isinstance(step, str):
+            raise ValueError(f"step must be an int, None, 'latest' or 'best', got {step!r}")
+        step = check_step(step)
         for r in records:
             if r.step == step:
                 return r
@@ -301,8 +292,9 @@ class CheckpointStore:
     ) -> CheckpointRecord:
         """Commit a checkpoint of ``state`` at ``step``, then apply retention.
 
-        Nothing committed changes if this raises: the new checkpoint is either fully listed in
-        the manifest or not at all.
+        If this raises before the commit point (the manifest's ``os.replace``), the store is
+        exactly as it was; if it raises after it (a failed directory fsync or deletion), the new
+        checkpoint is committed and whole. Either way no listed checkpoint is partial.
 
         Raises:
             UnsupportedStateError: a leaf of ``state`` cannot be saved (the message has its key path).
@@ -324,7 +316,7 @@ class CheckpointStore:
                     f"{self.root}: step {step} is already committed ({old.directory}); pass "
                     "overwrite=True to replace it atomically, or save under another step"
                 )
-            directory, files = self._write_directory(arrays, state_bytes, step)
+            directory, files = write_directory(self.root, step, arrays, state_bytes)
             record = CheckpointRecord(
                 step=step,
                 metrics=metric_values,
@@ -335,67 +327,15 @@ class CheckpointStore:
                 pinned=old.pinned if old is not None else False,
             )
             candidates = [r for r in records if r.step != step] + [record]
-            plan = self.retention.select(candidates, protected=self._protected)
-            self._commit([r for r in candidates if r.step in plan.keep], new_directory=directory)
-            self._delete([r for r in candidates if r.step not in plan.keep])
-            if old is not None:
-                self._delete([old])
+            # The step just written is kept even when it is not the newest (a re-run of an
+            # earlier step): a save never returns a record of a checkpoint it already deleted.
+            protected = {*self._protected, step}
+            plan = self.retention.select(candidates, protected=protected)
+            kept = [r for r in candidates if r.step in plan.keep]
+            commit_manifest(self.root, kept, new_directory=directory)
+            dropped = [r for r in candidates if r.step not in plan.keep]
+            delete_checkpoints(self.root, dropped + ([old] if old is not None else []))
         return record
-
-    def _write_directory(
-        self, arrays: dict[str, Any], state_bytes: bytes, step: int
-    ) -> tuple[str, tuple[FileEntry, ...]]:
-        tmp = self.root / _fsio.temp_name()
-        os.mkdir(tmp)
-        try:
-            writer = _fsio.HashingWriter(tmp / "arrays.safetensors")
-            try:
-                write_safetensors(writer, arrays)
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-            size, checksum = _fsio.write_durable_file(tmp / "state.json", state_bytes)
-            files = (
-                FileEntry(name="arrays.safetensors", size=writer.size, checksum=writer.checksum),
-                FileEntry(name="state.json", size=size, checksum=checksum),
-            )
-            _fsio.fsync_dir(tmp)
-            directory = self._free_directory_name(step)
-            os.rename(tmp, self.root / directory)
-        except BaseException:
-            _fsio.remove_temp_tree(tmp)
-            raise
-        return directory, files
-
-    def _free_directory_name(self, step: int) -> str:
-        base = f"step_{step:012d}"
-        name, n = base, 0
-        while os.path.lexists(self.root / name):
-            n += 1
-            name = f"{base}.{n}"
-        return name
-
-    def _commit(self, records: list[CheckpointRecord], *, new_directory: str | None = None) -> None:
-        """Atomically replace the manifest: the commit point of every change to the store."""
-        tmp = self.root / _fsio.temp_name(".json")
-        try:
-            # The new directory's rename must be durable before a manifest that lists it is.
-            _fsio.fsync_dir(self.root)
-            _fsio.write_durable_file(tmp, _manifest.dumps(records))
-            os.replace(tmp, self.manifest_path)
-        except BaseException:
-            _fsio.remove_quietly(tmp)
-            if new_directory is not None:
-                _fsio.remove_tree_of_own_files(self.root / new_directory, CHECKPOINT_FILES)
-            raise
-        # After os.replace the commit has happened; a failure here propagates, but nothing is
-        # rolled back, since the manifest on disk already lists the new state.
-        _fsio.fsync_dir(self.root)
-
-    def _delete(self, records: list[CheckpointRecord]) -> None:
-        for r in records:
-            _fsio.remove_tree_of_own_files(self.root / r.directory, [f.name for f in r.files])
 
     def _check_metadata(self, metadata: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
         if metadata is None:
@@ -424,7 +364,7 @@ class CheckpointStore:
             records = self.records()
             target = self._select(records, check_step(step))
             updated = replace(target, pinned=pinned)
-            self._commit([updated if r.step == target.step else r for r in records])
+            commit_manifest(self.root, [updated if r.step == target.step else r for r in records])
         return updated
 
     def protect(self, step: int) -> None:
@@ -448,8 +388,8 @@ class CheckpointStore:
             records = self.records()
             plan = self.retention.select(records, protected=self._protected)
             if not dry_run and plan.delete:
-                self._commit([r for r in records if r.step in plan.keep])
-                self._delete([r for r in records if r.step not in plan.keep])
+                commit_manifest(self.root, [r for r in records if r.step in plan.keep])
+                delete_checkpoints(self.root, [r for r in records if r.step not in plan.keep])
         return plan
 
     # -- locking and crash recovery ---------------------------------------------------------
@@ -470,23 +410,22 @@ class CheckpointStore:
             self._lock.release()
 
     def _sweep(self) -> None:
-        """Remove what crashed writers left: temporaries and directories the manifest does not list.
+        """Remove what crashed writers left, if the lock is free right now.
 
-        Runs under the lock, so no live writer is between its first write and its commit. Only
-        names of the store's own scheme are touched, and inside an unlisted checkpoint directory
-        only the files the store writes.
+        Under the lock no live writer is between its first write and its commit, so what the
+        sweep finds is a crash's. If another process holds the lock, opening does not wait for
+        it: its leftovers (if any) are swept by a later open.
         """
         if not os.access(self.root, os.W_OK):
             return  # a read-only store: nothing can have been left by a writer here
-        with self._locked():
-            listed = {r.directory for r in self.records()}
-            for entry in os.scandir(self.root):
-                path = Path(entry.path)
-                if entry.name.startswith(_fsio.TEMP_PREFIX):
-                    _fsio.remove_temp_tree(path)
-                elif (
-                    CHECKPOINT_DIR.fullmatch(entry.name)
-                    and entry.name not in listed
-                    and entry.is_dir(follow_symlinks=False)
-                ):
-                    _fsio.remove_tree_of_own_files(path, CHECKPOINT_FILES)
+        try:
+            self._lock.acquire(blocking=False)
+        except filelock.Timeout:
+            return
+        try:
+            listed = None
+            if self.manifest_path.exists():
+                listed = {r.directory for r in self.records()}
+            sweep(self.root, listed)
+        finally:
+            self._lock.release()

@@ -12,6 +12,8 @@ from ckptkit import (
     Checkpointer,
     CheckpointNotFoundError,
     CheckpointStore,
+    CorruptCheckpointError,
+    FallbackWarning,
     MissingMetricError,
     StoppingPolicy,
 )
@@ -21,7 +23,7 @@ class Toy:
     """A training state: weights and the generator that drives them."""
 
     def __init__(self, seed: int = 0) -> None:
-        self.w = np.zeros(4)
+        self.w = np.full(4, 5.0)
         self.rng = np.random.default_rng(seed)
 
     def state_dict(self) -> dict[str, Any]:
@@ -32,7 +34,7 @@ class Toy:
         self.rng.bit_generator.state = state["rng"]
 
     def train(self) -> float:
-        self.w = self.w + self.rng.normal(size=4)
+        self.w = 0.8 * self.w + self.rng.normal(size=4) * 0.3
         return float(np.abs(self.w).sum())
 
 
@@ -152,3 +154,36 @@ def test_errors_say_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="save_every must be an int >= 1"):
         Checkpointer(store, None, Toy(), save_every=0)
     assert len(store) == 0
+
+
+def test_resume_past_a_corrupt_latest_rewrites_its_steps(tmp_path: Path) -> None:
+    """After falling back past a corrupt checkpoint, the loop re-runs its step and replaces it."""
+    ref, _, ref_decisions = run(tmp_path / "ref")
+    root = tmp_path / "run"
+    run(root, until=6)
+    store = CheckpointStore(root)
+    latest = store.latest()
+    assert latest is not None and latest.step == 5
+    path = root / latest.directory / "arrays.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    with pytest.warns(FallbackWarning, match="skipping corrupt step 5"):
+        toy, ckpt, _ = run(root)
+    assert ckpt.resumed_from is not None and ckpt.resumed_from.step == 4
+    assert toy.w.tobytes() == ref.w.tobytes()
+    assert ckpt.policy is not None and ckpt.policy.stop_step == ref_decisions[-1].step
+    for record in CheckpointStore(root).records():
+        CheckpointStore(root).verify(record.step)
+
+
+def test_foreign_values_under_the_reserved_key_are_reported(tmp_path: Path) -> None:
+    """A checkpoint whose 'ckptkit' metadata was written by other code is refused with the step."""
+    store = CheckpointStore(tmp_path)
+    store.save(3, Toy().state_dict(), metadata={"ckptkit": "run-42"})
+    ckpt = Checkpointer(store, StoppingPolicy(monitor="loss", mode="min"), Toy())
+    with pytest.raises(CorruptCheckpointError, match=r"'ckptkit' of step 3 holds a str"):
+        ckpt.resume()
+    store.save(4, Toy().state_dict(), metadata={"ckptkit": {"policy": {"version": 1}}})
+    with pytest.raises(
+        CorruptCheckpointError, match="stopping state saved with step 4 is malformed"
+    ):
+        ckpt.resume()

@@ -454,9 +454,9 @@ def test_non_numeric_value_names_monitor_and_step(value: object) -> None:
 def test_bad_step_is_refused() -> None:
     """A step that is not a non-negative int is refused before anything counts."""
     policy = StoppingPolicy(monitor="val_loss")
-    with pytest.raises(TypeError, match="step must be an int >= 0 or None, got str"):
+    with pytest.raises(TypeError, match="step must be an int >= 0, got str"):
         policy.observe(0.5, step="3")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="step must be an int >= 0 or None, got -1"):
+    with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
         policy.observe(0.5, step=-1)
     assert policy.observe(0.5, step=np.int64(7)).step == 7  # type: ignore[arg-type]
     assert policy.observe(0.5).step == 1

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,11 +223,11 @@ def test_unsupported_leaf_raises_type_error_and_writes_nothing(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"step": -1}, ValueError, "step must be a non-negative int, got -1"),
-        ({"step": 1.5}, TypeError, "step must be a non-negative int"),
-        ({"step": True}, TypeError, "step must be a non-negative int"),
-        ({"metrics": {"loss": "low"}}, TypeError, "metric 'loss' of step 1 must be a number"),
-        ({"metrics": {"ok": True}}, TypeError, "metric 'ok' of step 1 is a bool"),
+        ({"step": -1}, ValueError, "step must be an int >= 0, got -1"),
+        ({"step": 1.5}, TypeError, "step must be an int >= 0"),
+        ({"step": True}, TypeError, "step must be an int >= 0"),
+        ({"metrics": {"loss": "low"}}, TypeError, "metric 'loss' of step 1 must be a real number"),
+        ({"metrics": {"ok": True}}, TypeError, "metric 'ok' of step 1 must be a real number"),
         ({"metrics": [1.0]}, TypeError, "metrics of step 1 must be a mapping"),
         ({"metadata": {"x": np.ones(2)}}, UnsupportedStateError, "metadata of step 1"),
     ],
@@ -290,32 +294,37 @@ def test_opening_sweeps_crash_leftovers_but_nothing_else(tmp_path: Path) -> None
     assert store.load(1)["w"].shape == (2,)
 
 
+@contextlib.contextmanager
+def _held_elsewhere(lock: Any) -> Iterator[None]:
+    """Hold a lock from another thread through its own file description, like another process."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
 def test_lock_timeout_raises_a_clear_error(tmp_path: Path) -> None:
     """A save that cannot get the lock in time raises LockTimeoutError naming the lock file."""
     import filelock
 
     store = CheckpointStore(tmp_path, lock_timeout=0.05)
     holder = filelock.FileLock(tmp_path / ".ckptkit.lock", thread_local=False, is_singleton=False)
-    # A lock held by another open file description: the same as another process holding it.
-    import threading
-
-    held = threading.Event()
-    release = threading.Event()
-
-    def hold() -> None:
-        with holder:
-            held.set()
-            release.wait()
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait()
-    try:
-        with pytest.raises(LockTimeoutError, match=r"held the store's lock .*lock_timeout=0.05"):
-            store.save(1, {})
-    finally:
-        release.set()
-        t.join()
+    with (
+        _held_elsewhere(holder),
+        pytest.raises(LockTimeoutError, match=r"held the store's lock .*lock_timeout=0.05"),
+    ):
+        store.save(1, {})
     store.save(1, {})
     assert 1 in store
 
@@ -347,3 +356,118 @@ def test_any_tree_round_trips_through_the_store(
     assert_same_state(tree, store.load(step))
     assert_same_state(meta, dict(store.record(step).metadata))
     assert_same_state(meta, dict(CheckpointStore(tmp_path / "hyp").record(step).metadata))
+
+
+def test_opening_without_a_manifest_keeps_checkpoint_directories(tmp_path: Path) -> None:
+    """With manifest.json missing, opening deletes no step_* directory (nothing says they are leftovers)."""
+    store = CheckpointStore(tmp_path)
+    rec = store.save(0, {"w": np.ones(2)})
+    store.manifest_path.unlink()
+    (tmp_path / ".ckptkit-tmp-00112233445566aa").mkdir()
+    CheckpointStore(tmp_path)
+    assert sorted(p.name for p in (tmp_path / rec.directory).iterdir()) == [
+        "arrays.safetensors",
+        "state.json",
+    ]
+    assert not (tmp_path / ".ckptkit-tmp-00112233445566aa").exists()
+
+
+def test_opening_does_not_wait_for_a_busy_lock(tmp_path: Path) -> None:
+    """A reader opening the store while a writer holds the lock opens at once (and skips the sweep)."""
+    import filelock
+
+    CheckpointStore(tmp_path).save(0, {})
+    leftover = tmp_path / ".ckptkit-tmp-0123456789abcdef"
+    leftover.mkdir()
+    holder = filelock.FileLock(tmp_path / ".ckptkit.lock", thread_local=False, is_singleton=False)
+    with _held_elsewhere(holder):
+        reader = CheckpointStore(tmp_path, lock_timeout=0)
+        assert [r.step for r in reader.records()] == [0]
+        assert leftover.exists()  # the writer may be using it: left for a later open
+    CheckpointStore(tmp_path)
+    assert not leftover.exists()
+
+
+def test_saving_an_earlier_step_keeps_it_until_the_next_save(tmp_path: Path) -> None:
+    """A save never returns the record of a checkpoint its own retention deleted."""
+    store = CheckpointStore(tmp_path, keep_last=1)
+    store.save(10, {})
+    rec = store.save(5, {})
+    assert rec.step in store
+    assert [r.step for r in store.records()] == [5, 10]
+    store.save(11, {})
+    assert [r.step for r in store.records()] == [11]
+
+
+def test_numpy_integer_steps_work_everywhere(tmp_path: Path) -> None:
+    """A numpy integer step saves, loads, verifies and pins like an int."""
+    store = CheckpointStore(tmp_path)
+    store.save(np.int64(3), {"a": 1})
+    assert store.load(np.int64(3)) == {"a": 1}
+    assert store.verify(np.int64(3)).step == 3
+    assert store.pin(np.int64(3)).pinned
+    with pytest.raises(
+        ValueError, match="step must be an int, None, 'latest' or 'best', got 'newest'"
+    ):
+        store.load("newest")  # type: ignore[arg-type]
+
+
+def test_bad_numbers_get_clear_errors(tmp_path: Path) -> None:
+    """A metric too large for a float and a non-numeric lock_timeout are refused with the reason."""
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(ValueError, match=r"metric 'n' of step 0 is 1000.*too large for a float"):
+        store.save(0, {}, metrics={"n": 10**400})
+    with pytest.raises(ValueError, match="lock_timeout must be a number of seconds"):
+        CheckpointStore(tmp_path, lock_timeout="5")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c.__setitem__(1, {**c[1], "directory": c[0]["directory"]}),
+            "not a checkpoint directory name of this step",
+        ),
+        (
+            lambda c: c.__setitem__(0, {**c[0], "files": c[0]["files"] * 2}),
+            "a file is listed twice",
+        ),
+        (
+            lambda c: c.__setitem__(1, {**c[1], "step": 0, "directory": "step_000000000000.1"}),
+            "step 0 is listed twice",
+        ),
+        (lambda c: c.__setitem__(0, {**c[0], "metrics": {"x": "nan"}}), "metric 'x'"),
+    ],
+)
+def test_a_malformed_manifest_is_refused(tmp_path: Path, edit: Any, message: str) -> None:
+    """A manifest that would let two records share files, or that misnames a value, is refused."""
+    store = CheckpointStore(tmp_path)
+    store.save(0, {})
+    store.save(1, {})
+    doc = json.loads(store.manifest_path.read_text())
+    edit(doc["checkpoints"])
+    store.manifest_path.write_text(json.dumps(doc))
+    with pytest.raises(StoreFormatError, match=message):
+        store.records()
+
+
+def test_a_checkpoint_overwritten_during_a_load_is_reported_not_half_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If another process replaces a step between reading the manifest and its files, load says so."""
+    import ckptkit._store as store_module
+
+    store = CheckpointStore(tmp_path)
+    store.save(0, {"w": np.zeros(3)})
+    other = CheckpointStore(tmp_path)
+    real_read = store_module.read_state
+
+    def read_after_overwrite(root: Path, record: Any, *, verify: bool) -> Any:
+        other.save(0, {"w": np.ones(3)}, overwrite=True)
+        return real_read(root, record, verify=verify)
+
+    monkeypatch.setattr(store_module, "read_state", read_after_overwrite)
+    with pytest.raises(CheckpointNotFoundError, match="deleted or overwritten by another process"):
+        store.load(0)
+    monkeypatch.undo()
+    assert store.load(0)["w"][0] == 1.0

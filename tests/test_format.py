@@ -1,0 +1,558 @@
+"""The on-disk format: golden stores still load exactly, the writer still writes the same bytes.
+
+``tests/data/format_v1/`` was written by ``tests/data/make_golden.py`` from
+:func:`build_golden_store` and is never edited. If a test here that compares bytes with it fails,
+the format changed: bump ``FORMAT_VERSION``, add a builder for the new version and a new golden
+directory, and keep every old one loading.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ckptkit import CheckpointRecord, CheckpointStore, FileEntry, StoreFormatError
+from ckptkit._manifest import FORMAT_VERSION, dumps, loads
+from ckptkit._safetensors import _CODE_TO_NAME, numpy_dtype, parse_safetensors
+from ckptkit._tree import flatten_state
+from tests.strategies import assert_same_state, floats_any_bits, keys, state_trees
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data"
+GOLDEN_V1 = DATA / "format_v1"
+MANIFEST_SCHEMA = json.loads((REPO / "docs" / "manifest.schema.json").read_text("utf-8"))
+STATE_SCHEMA = json.loads((REPO / "docs" / "state.schema.json").read_text("utf-8"))
+CHECKPOINT_FILES = ("arrays.safetensors", "state.json")
+
+# -- the inputs of the golden store, format_version 1 (frozen: the golden bytes depend on them) --
+
+GOLDEN_STEPS = (0, 7, 10**12)
+
+#: Every dtype code of format_version 1, in a fixed order.
+GOLDEN_DTYPE_CODES = (
+    "BOOL",
+    "U8",
+    "I8",
+    "U16",
+    "I16",
+    "U32",
+    "I32",
+    "U64",
+    "I64",
+    "F16",
+    "F32",
+    "F64",
+    "C64",
+    "BF16",
+    "F8_E4M3",
+    "F8_E5M2",
+    "F8_E8M0",
+    "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ",
+)
+
+
+def _float(bits: str) -> float:
+    """The Python float with these 64 bits (big-endian hex), NaN payloads included."""
+    value: float = struct.unpack(">d", bytes.fromhex(bits))[0]
+    return value
+
+
+def _from_bits(words: list[int], uint: Any, dtype: Any) -> np.ndarray:
+    """An array of ``dtype`` with exactly these bit patterns (no float conversion involved)."""
+    return np.array(words, dtype=uint).view(dtype)
+
+
+def _pattern(code: str, step: int) -> np.ndarray:
+    """A 2x3 array of ``code`` whose bytes follow a fixed pattern, reaching odd bit patterns."""
+    dtype = numpy_dtype(code)
+    raw = bytes((i * 37 + 11 * step + 5) % 256 for i in range(6 * dtype.itemsize))
+    if code == "BOOL":
+        raw = bytes(b & 1 for b in raw)
+    return np.frombuffer(raw, dtype=dtype).reshape(2, 3).copy()
+
+
+def golden_state(step: int) -> dict[str, Any]:
+    """The state saved at ``step`` in the golden store; the same call always builds the same tree."""
+    nan_payload = _float("7ff800000000dead")
+    return {
+        "step": step,
+        "dtypes": {code.lower(): _pattern(code, step) for code in GOLDEN_DTYPE_CODES},
+        "special": {
+            "f64": np.array([nan_payload, -0.0, math.inf, -math.inf, 5e-324, 1.5 + step]),
+            "f32": _from_bits(
+                [0x7FC00123, 0x80000000, 0x7F800000, 0xFF800000], np.uint32, np.float32
+            ),
+            "bf16": _from_bits(
+                [0x3F80, 0xC020, 0x7F80, 0x7FC1, 0x8000], np.uint16, ml_dtypes.bfloat16
+            ),
+            "f8": _from_bits([0x30, 0xFE, 0x7F, 0x80], np.uint8, ml_dtypes.float8_e4m3fn),
+        },
+        "shapes": {
+            "zero_d": np.array(3.25 + step),
+            "zero_d_int8": np.array(-7, dtype=np.int8),
+            "empty": np.zeros((0,), dtype=np.float32),
+            "empty_3d": np.zeros((2, 0, 3), dtype=ml_dtypes.bfloat16),
+            "strided": np.arange(24, dtype=np.int32).reshape(4, 6)[::2, 1::2],
+            "transposed": np.arange(6, dtype=np.float64).reshape(2, 3).T,
+            "reversed": np.arange(5, dtype=np.int16)[::-1],
+        },
+        "scalars": (
+            np.float32(1.5),
+            np.float64(nan_payload),
+            np.float16(-0.0),
+            np.int64(-5 - step),
+            np.uint64(2**64 - 1),
+            np.bool_(True),
+            np.complex64(1 - 2j),
+            _from_bits([0x4040], np.uint16, ml_dtypes.bfloat16)[0],
+            _from_bits([0x7C], np.uint8, ml_dtypes.float8_e5m2)[0],
+            np.uint8(step % 256),
+        ),
+        "floats": [nan_payload, _float("fff0000000000001"), -0.0, 0.0, math.inf, -math.inf, 0.1],
+        "ints": [0, -1, 2**63, -(2**64) - 1, 2**1999, 2**2000, -(3**1500), 7**999 + step],
+        "sequences": ((), [], (1, [2, (3,)]), [(), [()]], ("a", np.arange(2, dtype=np.int64))),
+        "keys": {
+            "$x": 1,
+            "$$y": 2,
+            "$": 3,
+            "$tuple": [4],
+            "$array": "not an array",
+            "$float": np.zeros(1, dtype=np.float32),
+            "a.b": np.ones(2, dtype=np.float32),
+            "a": {"b": np.full(2, 2.0, dtype=np.float32)},
+            "": None,
+            "0": "zero",
+            "é": np.arange(3, dtype=np.uint16),
+            "\u6f22\u5b57": "\u5024",
+            "\U0001f600": {"ok": True},
+            "\ud800": np.ones(1, dtype=np.int8),
+        },
+        "strings": [
+            "",
+            'quote " and \\',
+            "tab\t newline\n",
+            "\x00",
+            "ünïcödé \u6f22\u5b57 \U0001f600",
+        ],
+        "order": {"z": 1, "a": 2, "m": [None, True, False]},
+        "__metadata__": np.ones(1, dtype=np.uint8),
+    }
+
+
+GOLDEN_METRICS: dict[int, dict[str, float]] = {
+    0: {"loss": 2.5, "val_loss": math.nan, "acc": 0.0},
+    7: {"loss": math.inf, "val_loss": 1.25},
+    10**12: {"loss": -math.inf, "val_loss": 0.5, "acc": 1.0},
+}
+
+
+def golden_metadata(step: int) -> dict[str, Any]:
+    """The metadata saved with ``step`` in the golden store."""
+    return {
+        "tag": ("run", step),
+        "nested": {"lr": 0.1, "schedule": {"warmup": 5, "$x": True, "pair": [1, (2, 3)]}},
+        "nonfinite": [math.inf, _float("7ff800000000beef")],
+        "big": 2**2001 + step,
+        "np": np.float32(0.5),
+        "unicode é": "\u6f22\u5b57",
+    }
+
+
+def build_golden_store(root: Path) -> CheckpointStore:
+    """Write the golden store's checkpoints into ``root``, in a fixed order of operations."""
+    store = CheckpointStore(root)
+    store.save(0, golden_state(0), metrics=GOLDEN_METRICS[0], metadata=golden_metadata(0))
+    store.save(7, {"draft": True}, metrics={"loss": 9.0})  # overwritten below: step_...7.1
+    store.save(
+        7, golden_state(7), metrics=GOLDEN_METRICS[7], metadata=golden_metadata(7), overwrite=True
+    )
+    step = GOLDEN_STEPS[2]
+    store.save(
+        step, golden_state(step), metrics=GOLDEN_METRICS[step], metadata=golden_metadata(step)
+    )
+    store.pin(0)
+    return store
+
+
+#: The builder of each format version's golden store, for tests/data/make_golden.py.
+GOLDEN_BUILDERS: dict[int, Callable[[Path], CheckpointStore]] = {1: build_golden_store}
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _validate(schema: dict[str, Any], doc: object) -> None:
+    jsonschema.Draft202012Validator(schema).validate(doc)
+
+
+def _is_valid(schema: dict[str, Any], doc: object) -> bool:
+    return jsonschema.Draft202012Validator(schema).is_valid(doc)
+
+
+def _without_created(manifest: bytes) -> bytes:
+    return re.sub(rb'"created": [-+.0-9eE]+', b'"created": 0', manifest)
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+@pytest.fixture
+def golden(tmp_path: Path) -> Path:
+    """A copy of the golden store: opening a store sweeps and creates its lock file."""
+    return Path(shutil.copytree(GOLDEN_V1, tmp_path / "golden"))
+
+
+# -- the golden store ------------------------------------------------------------------------------
+
+
+def test_golden_store_holds_only_committed_files_and_is_small() -> None:
+    """The golden directory has the manifest and three checkpoints of two files, no lock, < 100 KB."""
+    names = sorted(str(p.relative_to(GOLDEN_V1)) for p in GOLDEN_V1.rglob("*"))
+    dirs = ["step_000000000000", "step_000000000007.1", "step_1000000000000"]
+    expected = ["manifest.json"] + [
+        f"{d}{suffix}" for d in dirs for suffix in ("", *(f"/{f}" for f in CHECKPOINT_FILES))
+    ]
+    assert names == sorted(expected)
+    assert sum(p.stat().st_size for p in GOLDEN_V1.rglob("*") if p.is_file()) < 100_000
+
+
+def test_golden_checkpoints_load_exactly(golden: Path) -> None:
+    """Every golden step loads to the tree it was saved from: types, dtypes, shapes, bits."""
+    store = CheckpointStore(golden)
+    for step in GOLDEN_STEPS:
+        assert_same_state(golden_state(step), store.load(step))
+
+
+def test_golden_records_keep_steps_pins_metrics_and_metadata(golden: Path) -> None:
+    """The golden manifest reads back as the records the store committed, NaN metrics included."""
+    records = CheckpointStore(golden).records()
+    assert [r.step for r in records] == list(GOLDEN_STEPS)
+    assert [r.directory for r in records] == [
+        "step_000000000000",
+        "step_000000000007.1",
+        "step_1000000000000",
+    ]
+    assert [r.pinned for r in records] == [True, False, False]
+    for record in records:
+        want = GOLDEN_METRICS[record.step]
+        assert list(record.metrics) == list(want)
+        for name, value in want.items():
+            got = record.metrics[name]
+            assert struct.pack("<d", got) == struct.pack("<d", value), (record.step, name)
+        assert_same_state(golden_metadata(record.step), dict(record.metadata))
+        assert [f.name for f in record.files] == list(CHECKPOINT_FILES)
+        assert isinstance(record.created, float) and record.created > 0
+
+
+def test_golden_checkpoints_verify(golden: Path) -> None:
+    """Every golden checkpoint's files match the sizes and checksums in its manifest."""
+    store = CheckpointStore(golden)
+    for step in GOLDEN_STEPS:
+        assert store.verify(step).step == step
+
+
+def test_golden_store_covers_every_dtype_and_every_tag() -> None:
+    """The golden arrays use every dtype ckptkit writes; its JSON uses every tag and an escaped key."""
+    codes: set[str] = set()
+    texts = [(GOLDEN_V1 / "manifest.json").read_text("ascii")]
+    for directory in _checkpoint_dirs(GOLDEN_V1):
+        arrays, _ = parse_safetensors((directory / "arrays.safetensors").read_bytes(), source="")
+        codes |= {
+            code
+            for code, name in _CODE_TO_NAME.items()
+            for a in arrays.values()
+            if a.dtype == numpy_dtype(code)
+        }
+        texts.append((directory / "state.json").read_text("ascii"))
+    # A new dtype is a format change: old readers cannot read it, so it needs a new golden store.
+    assert codes == set(_CODE_TO_NAME)
+    for tag in ('"$float"', '"$int"', '"$tuple"', '"$array"', '"$scalar"', '"$$x"', '"$$$y"'):
+        assert any(tag in text for text in texts), tag
+
+
+def test_newer_format_version_is_refused_with_an_upgrade_message(golden: Path) -> None:
+    """A manifest from a newer format is refused on open, saying which versions and what to do."""
+    path = golden / "manifest.json"
+    doc = json.loads(path.read_bytes())
+    doc["format_version"] = FORMAT_VERSION + 1
+    path.write_text(json.dumps(doc), "ascii")
+    with pytest.raises(
+        StoreFormatError, match=r"newer than this ckptkit reads.*upgrade ckptkit-ml"
+    ):
+        CheckpointStore(golden)
+
+
+# -- the writer still writes the golden bytes ---------------------------------------------------------
+
+
+def test_writer_reproduces_the_golden_manifest_except_created(tmp_path: Path) -> None:
+    """The same saves give a manifest byte-identical to the golden one but for ``created``."""
+    build_golden_store(tmp_path)
+    written = (tmp_path / "manifest.json").read_bytes()
+    golden = (GOLDEN_V1 / "manifest.json").read_bytes()
+    assert written != _without_created(written), "no created value was masked"
+    assert _without_created(written) == _without_created(golden)
+
+
+def test_writer_reproduces_the_golden_checkpoint_files_byte_for_byte(tmp_path: Path) -> None:
+    """The same states give arrays.safetensors and state.json files identical to the golden ones."""
+    build_golden_store(tmp_path)
+    written, golden = _checkpoint_dirs(tmp_path), _checkpoint_dirs(GOLDEN_V1)
+    assert [d.name for d in written] == [d.name for d in golden]
+    for new, old in zip(written, golden, strict=True):
+        for name in CHECKPOINT_FILES:
+            assert (new / name).read_bytes() == (old / name).read_bytes(), f"{old.name}/{name}"
+
+
+def _load_make_golden() -> Any:
+    spec = importlib.util.spec_from_file_location("make_golden", DATA / "make_golden.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_golden_writes_a_golden_store_once_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    """The generator writes the golden layout without a lock file, then refuses to write it again."""
+    make_golden = _load_make_golden()
+    target = make_golden.main(tmp_path)
+    assert target == tmp_path / f"format_v{FORMAT_VERSION}"
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in GOLDEN_V1.iterdir())
+    before = (target / "manifest.json").read_bytes()
+    with pytest.raises(FileExistsError, match="only ever added"):
+        make_golden.main(tmp_path)
+    assert (target / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+# -- the schemas ------------------------------------------------------------------------------------
+
+
+def test_schemas_are_valid_draft_2020_12() -> None:
+    """Both schemas are themselves valid JSON Schema 2020-12 documents."""
+    jsonschema.Draft202012Validator.check_schema(MANIFEST_SCHEMA)
+    jsonschema.Draft202012Validator.check_schema(STATE_SCHEMA)
+
+
+def test_state_schema_shares_the_tag_definitions_of_the_manifest_schema() -> None:
+    """state.schema.json defines tags as the manifest schema does, plus the array tag."""
+    shared = {k: v for k, v in STATE_SCHEMA["$defs"].items() if k not in ("value", "arrayTag")}
+    assert shared == {k: MANIFEST_SCHEMA["$defs"][k] for k in shared}
+    value = STATE_SCHEMA["$defs"]["value"]["anyOf"]
+    assert value == [*MANIFEST_SCHEMA["$defs"]["value"]["anyOf"], {"$ref": "#/$defs/arrayTag"}]
+
+
+def test_golden_files_match_the_schemas() -> None:
+    """The golden manifest and every golden state.json validate against the documented schemas."""
+    _validate(MANIFEST_SCHEMA, json.loads((GOLDEN_V1 / "manifest.json").read_bytes()))
+    for directory in _checkpoint_dirs(GOLDEN_V1):
+        _validate(STATE_SCHEMA, json.loads((directory / "state.json").read_bytes()))
+
+
+def _store_golden(root: Path) -> None:
+    build_golden_store(root)
+
+
+def _store_with_retention(root: Path) -> None:
+    store = CheckpointStore(root, keep_last=2, keep_best=1, monitor="val_loss", keep_every=4)
+    for step in range(9):
+        store.save(
+            step,
+            {"w": np.full(3, step, dtype=np.float32)},
+            metrics={"val_loss": 1 / (1 + step % 3)},
+        )
+        if step == 1:
+            store.pin(1)
+
+
+def _store_of_a_bare_array(root: Path) -> None:
+    CheckpointStore(root).save(5, np.arange(4, dtype=np.int64))
+
+
+def _store_of_an_empty_state(root: Path) -> None:
+    store = CheckpointStore(root)
+    store.save(0, {}, metrics={"m": math.nan}, metadata={})
+    store.save(0, [], overwrite=True)
+    store.save(2, None, metadata={"$": {"$tuple": ()}})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_store_golden, _store_with_retention, _store_of_a_bare_array, _store_of_an_empty_state],
+    ids=lambda f: f.__name__.removeprefix("_store_"),
+)
+def test_written_stores_match_the_schemas(tmp_path: Path, make: Callable[[Path], None]) -> None:
+    """Manifests and state files the current writer produces validate against the schemas."""
+    make(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_bytes())
+    _validate(MANIFEST_SCHEMA, manifest)
+    assert manifest["checkpoints"], "the store should list checkpoints"
+    for record in manifest["checkpoints"]:
+        _validate(
+            STATE_SCHEMA, json.loads((tmp_path / record["directory"] / "state.json").read_bytes())
+        )
+
+
+def test_manifest_of_no_checkpoints_matches_the_schema() -> None:
+    """The manifest of a store whose checkpoints were all dropped validates too."""
+    _validate(MANIFEST_SCHEMA, json.loads(dumps([])))
+
+
+def _schema_keys(definition: dict[str, Any]) -> set[str]:
+    return set(definition["properties"])
+
+
+def test_schema_names_exactly_the_keys_the_writer_writes(tmp_path: Path) -> None:
+    """Every key the writer writes is described in the schema, and every described key is written."""
+    build_golden_store(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_bytes())
+    defs = MANIFEST_SCHEMA["$defs"]
+    assert set(manifest) == _schema_keys(MANIFEST_SCHEMA)
+    for record in manifest["checkpoints"]:
+        assert set(record) == _schema_keys(defs["checkpoint"])
+        for entry in record["files"]:
+            assert set(entry) == _schema_keys(defs["file"])
+
+
+_metadata = st.dictionaries(keys(), state_trees(with_arrays=False, max_leaves=10), max_size=4)
+
+
+@given(
+    steps=st.lists(st.integers(0, 10**15), unique=True, max_size=4),
+    metrics=st.dictionaries(st.text(max_size=5), floats_any_bits(), max_size=3),
+    metadata=_metadata,
+    pinned=st.booleans(),
+)
+def test_any_records_dump_to_a_manifest_the_schema_accepts(
+    steps: list[int], metrics: dict[str, float], metadata: dict[str, Any], pinned: bool
+) -> None:
+    """Whatever records the writer is given, its manifest validates and reads back as the same."""
+    records = [
+        CheckpointRecord(
+            step=step,
+            directory=f"step_{step:012d}.{i}" if i else f"step_{step:012d}",
+            created=1.5e9 + i,
+            pinned=pinned,
+            metrics=metrics,
+            metadata=metadata,
+            files=(FileEntry(name="state.json", size=i, checksum="sha256:" + "0f" * 32),),
+        )
+        for i, step in enumerate(steps)
+    ]
+    data = dumps(records)
+    _validate(MANIFEST_SCHEMA, json.loads(data))
+    assert [r.step for r in loads(data, path="manifest.json")] == sorted(steps)
+
+
+@given(state_trees())
+def test_any_state_flattens_to_a_state_file_the_schema_accepts(state: object) -> None:
+    """The skeleton of any savable state tree validates against state.schema.json."""
+    skeleton, _ = flatten_state(state)
+    _validate(STATE_SCHEMA, json.loads(json.dumps({"format_version": 1, "tree": skeleton})))
+
+
+def _set(path: tuple[str | int, ...], value: object) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        target: Any = doc
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = value
+
+    return mutate
+
+
+def _delete(path: tuple[str | int, ...]) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        target: Any = doc
+        for part in path[:-1]:
+            target = target[part]
+        del target[path[-1]]
+
+    return mutate
+
+
+_RECORD = ("checkpoints", 1)
+_FILE = (*_RECORD, "files", 0)
+_META = (*_RECORD, "metadata")
+
+#: (id, change to the golden manifest, whether the reader accepts the result).
+MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], None], bool]] = [
+    ("unknown-top-level-key", _set(("comment",), "x"), True),
+    ("unknown-record-key", _set((*_RECORD, "note"), 1), True),
+    ("unknown-file-key", _set((*_FILE, "mtime"), 1), True),
+    ("pinned-absent", _delete((*_RECORD, "pinned")), True),
+    ("metrics-absent", _delete((*_RECORD, "metrics")), True),
+    ("metadata-absent", _delete(_META), True),
+    ("integer-metric", _set((*_RECORD, "metrics", "loss"), 3), True),
+    ("integer-created", _set((*_RECORD, "created"), 1700000000), True),
+    ("escaped-metadata-key", _set(_META, {"$$a": 1}), True),
+    ("finite-float-tag", _set(_META, {"a": {"$float": "3ff0000000000000"}}), True),
+    ("int-scalar", _set(_META, {"a": {"$scalar": ["U8", 255]}}), True),
+    ("hex-f32-scalar", _set(_META, {"a": {"$scalar": ["F32", "0000c07f"]}}), True),
+    ("long-directory", _set((*_RECORD, "directory"), "step_0000000000007.12"), True),
+    ("newer-version", _set(("format_version",), FORMAT_VERSION + 1), False),
+    ("version-zero", _set(("format_version",), 0), False),
+    ("string-version", _set(("format_version",), "1"), False),
+    ("no-version", _delete(("format_version",)), False),
+    ("no-checkpoints", _delete(("checkpoints",)), False),
+    ("checkpoints-object", _set(("checkpoints",), {}), False),
+    ("negative-step", _set((*_RECORD, "step"), -1), False),
+    ("bool-step", _set((*_RECORD, "step"), True), False),
+    ("no-step", _delete((*_RECORD, "step")), False),
+    ("short-directory", _set((*_RECORD, "directory"), "step_7"), False),
+    ("escaping-directory", _set((*_RECORD, "directory"), "../step_000000000007"), False),
+    ("no-directory", _delete((*_RECORD, "directory")), False),
+    ("string-created", _set((*_RECORD, "created"), "now"), False),
+    ("no-created", _delete((*_RECORD, "created")), False),
+    ("string-pinned", _set((*_RECORD, "pinned"), "yes"), False),
+    ("lowercase-nan-metric", _set((*_RECORD, "metrics", "loss"), "nan"), False),
+    ("null-metric", _set((*_RECORD, "metrics", "loss"), None), False),
+    ("bool-metric", _set((*_RECORD, "metrics", "loss"), False), False),
+    ("metadata-list", _set(_META, []), False),
+    ("metadata-tag", _set(_META, {"$tuple": []}), False),
+    ("unescaped-dollar-key", _set(_META, {"a": 1, "$b": 2}), False),
+    ("bad-float-tag", _set(_META, {"a": {"$float": "zz"}}), False),
+    ("bad-int-tag", _set(_META, {"a": {"$int": "12"}}), False),
+    ("array-tag", _set(_META, {"a": {"$array": "w"}}), False),
+    ("unknown-tag", _set(_META, {"a": {"$set": []}}), False),
+    ("short-hex-scalar", _set(_META, {"a": {"$scalar": ["F32", "00"]}}), False),
+    ("int-bool-scalar", _set(_META, {"a": {"$scalar": ["BOOL", 1]}}), False),
+    ("float-complex-scalar", _set(_META, {"a": {"$scalar": ["C64", 1.5]}}), False),
+    ("unknown-dtype-scalar", _set(_META, {"a": {"$scalar": ["F128", 1.5]}}), False),
+    ("unknown-file", _set((*_FILE, "name"), "model.bin"), False),
+    ("negative-size", _set((*_FILE, "size"), -1), False),
+    ("md5-checksum", _set((*_FILE, "checksum"), "md5:" + "0" * 32), False),
+    ("uppercase-checksum", _set((*_FILE, "checksum"), "sha256:" + "A" * 64), False),
+    ("no-files", _delete((*_RECORD, "files")), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "accepted"), [m[1:] for m in MUTATIONS], ids=[m[0] for m in MUTATIONS]
+)
+def test_schema_and_reader_agree(change: Callable[[dict[str, Any]], None], accepted: bool) -> None:
+    """A changed manifest passes the schema exactly when ckptkit's reader accepts it."""
+    doc = json.loads((GOLDEN_V1 / "manifest.json").read_bytes())
+    change(doc)
+    data = json.dumps(doc).encode("ascii")
+    if accepted:
+        loads(data, path="manifest.json")
+    else:
+        with pytest.raises(StoreFormatError):
+            loads(data, path="manifest.json")
+    assert _is_valid(MANIFEST_SCHEMA, doc) is accepted

@@ -89,6 +89,7 @@ def test_sigkill_at_every_file_system_call_of_a_save(tmp_path: Path) -> None:
         assert code == -signal.SIGKILL
         k += 1
     assert k > 8, f"a save made only {k - 1} file-system calls; the kill points did not cover it"
+    print(f"killed at each of {k - 1} file-system calls of one save; all recovered")
 
 
 def test_sigkill_during_an_overwrite_leaves_the_old_or_the_new_state_whole(tmp_path: Path) -> None:

@@ -7,26 +7,22 @@ random generators.
 
 from __future__ import annotations
 
-import random
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
-from ckptkit._errors import ConfigMismatchError, CorruptCheckpointError
+from ckptkit._errors import ConfigMismatchError
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore, StepSelector
 
 from ._torch_convert import FromTree, ToTree
+from ._torch_rng import capture_rng, restore_rng
 
+_TYPES_KEY = "$types"
+_WRAPPERS = ("DataParallel", "DistributedDataParallel")
 _WRAPPER_PREFIX = "module."  # DataParallel / DistributedDataParallel name their child "module"
-
-
-class RngStateWarning(UserWarning):
-    """A saved random-generator state could not be restored here (CUDA states without CUDA)."""
 
 
 class TorchState:
@@ -91,6 +87,10 @@ class TorchState:
         parts: dict[str, Any] = {name: _own_state(obj) for name, obj in self.objects.items()}
         if self.rng:
             parts["rng"] = capture_rng()
+        # Each part's class, so a state is never loaded into another kind of object (an Adam
+        # state into SGD loads without complaint and fails, or drifts, much later). No keyword
+        # argument can start with "$", so this key never collides with a part's name.
+        parts[_TYPES_KEY] = {name: _kind(obj) for name, obj in self.objects.items()}
         tree = ToTree().convert(parts)
         assert isinstance(tree, dict)
         return tree
@@ -111,18 +111,77 @@ class TorchState:
             raise ConfigMismatchError(
                 f"{where}a TorchState loads a dict of parts, not a {type(tree).__name__}"
             )
-        missing, unexpected = sorted(names - set(tree)), sorted(set(tree) - names)
+        state = FromTree(map_location, where.rstrip(": ") or "TorchState").convert(dict(tree))
+        types = state.pop(_TYPES_KEY, {})
+        missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
         if missing or unexpected:
             raise ConfigMismatchError(
                 f"{where}the saved parts do not match this TorchState: missing {missing}, "
                 f"unexpected {unexpected}; pass the same names (and rng=...) as when it was saved"
             )
-        state = FromTree(map_location, where.rstrip(": ") or "TorchState").convert(dict(tree))
-        ready = {n: fit(obj, state[n], f"{where}part {n!r}") for n, obj in self.objects.items()}
         for name, obj in self.objects.items():
+            saved_type = types.get(name) if isinstance(types, Mapping) else None
+            if saved_type is not None and saved_type != _kind(obj):
+                raise ConfigMismatchError(
+                    f"{where}part {name!r} was saved from a {saved_type}, and this TorchState "
+                    f"has a {_kind(obj)} there; pass the same kind of object"
+                )
+        ready = {n: fit(obj, state[n], f"{where}part {n!r}") for n, obj in self.objects.items()}
+        _restore_all(self.objects, ready, state["rng"] if self.rng else None, where)
+
+
+def _restore_all(
+    objects: Mapping[str, Any], ready: Mapping[str, Any], rng: Any, where: str
+) -> None:
+    """Restore every object, or none: a failure puts back what was already restored.
+
+    Objects other than modules are restored first, each after taking its current state (by
+    reference: their ``load_state_dict`` replaces state rather than writing into it), so a
+    failure can put them back. Modules come last: ``fit`` has checked their keys, shapes and
+    dtypes, and they copy into their parameters in place, which could not be undone without
+    a copy of the whole model.
+    """
+    order = sorted(objects, key=lambda n: isinstance(objects[n], torch.nn.Module))
+    done: list[tuple[str, Any]] = []
+    rng_before = capture_rng() if rng is not None else None
+    name = "rng"
+    try:
+        for name in order:
+            obj = objects[name]
+            before = None if isinstance(obj, torch.nn.Module) else _own_state(obj)
             restore(obj, ready[name])
-        if self.rng:
-            restore_rng(state["rng"])
+            done.append((name, before))
+        name = "rng"
+        if rng is not None:
+            restore_rng(rng)
+    except Exception as e:
+        changed = []
+        for done_name, before in reversed(done):
+            if before is None:
+                changed.append(done_name)
+            else:
+                restore(objects[done_name], before)
+        if rng_before is not None:
+            restore_rng(rng_before)
+        outcome = (
+            f"modules {sorted(changed)} were already loaded, everything else was put back"
+            if changed
+            else "nothing was changed"
+        )
+        raise ConfigMismatchError(
+            f"{where}part {name!r} could not be loaded ({type(e).__name__}: {e}); {outcome}"
+        ) from e
+
+
+def _kind(obj: Any) -> str:
+    """The class that decides what a state means: a wrapped module's, not its wrapper's."""
+    while isinstance(obj, torch.nn.Module):
+        inner = getattr(obj, "module", None) if type(obj).__name__ in _WRAPPERS else None
+        inner = inner if inner is not None else getattr(obj, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        obj = inner
+    return type(obj).__qualname__
 
 
 def _own_state(obj: Any) -> Any:
@@ -253,19 +312,39 @@ def fit(obj: Any, saved: Any, where: str) -> Any:
 
 
 def _fit_module(module: torch.nn.Module, saved: Mapping[str, Any], where: str) -> Any:
-    expected = set(module.state_dict())
-    if set(saved) == expected:
-        return saved
-    for old, new in ((_WRAPPER_PREFIX, ""), ("", _WRAPPER_PREFIX)):
-        renamed = _replace_prefix(saved, old, new)
-        if renamed is not None and set(renamed) == expected:
-            return renamed
+    own = module.state_dict()
+    expected = set(own)
+    candidates = [saved] + [
+        r
+        for old, new in ((_WRAPPER_PREFIX, ""), ("", _WRAPPER_PREFIX))
+        if (r := _replace_prefix(saved, old, new)) is not None
+    ]
+    for candidate in candidates:
+        if set(candidate) == expected:
+            _check_tensors(own, candidate, type(module).__name__, where)
+            return candidate
     missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
     raise ConfigMismatchError(
         f"{where}: the saved state does not fit {type(module).__name__}: missing keys "
         f"{_show(missing)}, unexpected keys {_show(unexpected)}; load it into the model it was "
         "saved from (the same architecture and names)"
     )
+
+
+def _check_tensors(own: Mapping[str, Any], saved: Mapping[str, Any], kind: str, where: str) -> None:
+    """Refuse before loading anything if a tensor's shape or dtype differs from the module's."""
+    wrong = [
+        f"{key}: saved {tuple(value.shape)} {value.dtype}, here {tuple(own[key].shape)} {own[key].dtype}"
+        for key, value in saved.items()
+        if isinstance(value, torch.Tensor)
+        and isinstance(own[key], torch.Tensor)
+        and (value.shape != own[key].shape or value.dtype != own[key].dtype)
+    ]
+    if wrong:
+        raise ConfigMismatchError(
+            f"{where}: the saved state does not fit {kind}: {_show(wrong)}; load it into a model "
+            "built with the same sizes and dtypes as when it was saved"
+        )
 
 
 def _show(keys: list[str]) -> str:
@@ -298,47 +377,3 @@ def restore(obj: Any, saved: Any) -> None:
         obj.load_state_dict(saved, strict=True)
     else:
         obj.load_state_dict(saved)
-
-
-def capture_rng() -> dict[str, Any]:
-    """The states of Python's, NumPy's, torch's CPU and each initialised CUDA generator."""
-    cuda = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # untyped in torch
-        cuda = torch.cuda.get_rng_state_all()
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(legacy=False),
-        "torch": torch.get_rng_state(),
-        "cuda": cuda,
-    }
-
-
-def restore_rng(saved: Any) -> None:
-    """Set the global generators to ``saved`` (from :func:`capture_rng`).
-
-    CUDA states are set for the devices both sides have; where CUDA is absent they are skipped
-    with an :class:`RngStateWarning` (the CPU generators are still restored).
-
-    Raises:
-        CorruptCheckpointError: ``saved`` is not such a state.
-    """
-    try:
-        python, numpy_state = saved["python"], saved["numpy"]
-        torch_state, cuda = saved["torch"].cpu(), list(saved["cuda"])
-        random.setstate(python)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise CorruptCheckpointError(f"the saved random-generator state is malformed: {e!r}") from e
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cuda and len(cuda) != count:
-        here = f"this machine has {count}" if count else "CUDA is not available here"
-        warnings.warn(
-            RngStateWarning(
-                f"the checkpoint holds the random states of {len(cuda)} CUDA device(s) and "
-                f"{here}: restored the first {min(count, len(cuda))} (and the CPU generators)"
-            ),
-            stacklevel=3,
-        )
-    for index, state in enumerate(cuda[:count]):
-        torch.cuda.set_rng_state(state.cpu(), index)

@@ -24,8 +24,8 @@ except ImportError as e:  # pragma: no cover - exercised in the Keras test envir
 from ._torch_data import ResumableSampler
 from ._torch_dist import DistributedCheckpointer, DistributedCheckpointError
 from ._torch_hooks import CheckpointCallback
+from ._torch_rng import RngStateWarning
 from ._torch_state import (
-    RngStateWarning,
     TorchState,
     load_state,
     save_state,

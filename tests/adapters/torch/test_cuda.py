@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ckptkit import CheckpointStore  # noqa: E402 (after the importorskip)
-from ckptkit.adapters._torch_state import (  # noqa: E402
+from ckptkit.adapters.torch import (  # noqa: E402
     TorchState,
     load_state,
     save_state,

@@ -21,7 +21,7 @@ from ckptkit.adapters._torch_dist import (  # noqa: E402 (after the importorskip
     DistributedCheckpointer,
     DistributedCheckpointError,
 )
-from ckptkit.adapters._torch_state import TorchState  # noqa: E402
+from ckptkit.adapters.torch import TorchState  # noqa: E402
 
 WORKER = Path(__file__).parent / "workers" / "ddp_worker.py"
 CUT = 4  # the interrupted run commits epochs 0-3 and fails saving epoch 4

@@ -18,7 +18,7 @@ from ckptkit import (  # noqa: E402 (after the importorskip)
     StoppingPolicy,
 )
 from ckptkit.adapters._torch_hooks import CheckpointCallback  # noqa: E402
-from ckptkit.adapters._torch_state import TorchState  # noqa: E402
+from ckptkit.adapters.torch import TorchState  # noqa: E402
 
 EVENTS = (
     "on_epoch_begin",

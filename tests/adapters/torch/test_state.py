@@ -648,3 +648,63 @@ def test_a_checkpointer_resumes_a_torchstate(tmp_path: Path) -> None:
     fit(tmp_path / "stopped", 3)
     resumed = fit(tmp_path / "stopped", 6)
     assert_tree_same(tree_to_state(straight.state_dict()), tree_to_state(resumed.state_dict()))
+
+
+def _snapshot(*objects: Any) -> list[bytes]:
+    """The exact bytes of the objects' states: the JSON skeleton and every array."""
+    from ckptkit._tree import flatten_state
+
+    out = []
+    for obj in objects:
+        skeleton, arrays = flatten_state(state_to_tree(obj))
+        out.append(json.dumps(skeleton).encode())
+        out.extend(name.encode() + a.tobytes() for name, a in sorted(arrays.items()))
+    return out
+
+
+def test_a_failed_load_leaves_every_object_unchanged(tmp_path: Path) -> None:
+    """A checkpoint that fails to fit (a shape, a sampler's length) changes no object."""
+    from ckptkit import CheckpointStore, ConfigMismatchError
+    from ckptkit.adapters.torch import ResumableSampler
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    store = CheckpointStore(tmp_path)
+    save_state(store, 0, TorchState(opt=opt, model=model, sampler=ResumableSampler(10)))
+
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3))
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    before = _snapshot(other, other_opt)
+    with pytest.raises(
+        ConfigMismatchError, match=r"1\.weight: saved \(2, 4\) torch.float32, here \(3, 4\)"
+    ):
+        load_state(store, TorchState(opt=other_opt, model=other, sampler=ResumableSampler(10)))
+    assert _snapshot(other, other_opt) == before
+
+    torch.manual_seed(1)
+    same = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    same_opt = torch.optim.SGD(same.parameters(), lr=0.1, momentum=0.9)
+    before = _snapshot(same, same_opt)
+    with pytest.raises(
+        ConfigMismatchError, match=r"part 'sampler' could not be loaded .*nothing was changed"
+    ):
+        load_state(store, TorchState(opt=same_opt, model=same, sampler=ResumableSampler(11)))
+    assert _snapshot(same, same_opt) == before
+
+
+def test_a_state_is_not_loaded_into_another_kind_of_object(tmp_path: Path) -> None:
+    """An Adam state does not load into SGD (it would fail or drift much later)."""
+    from ckptkit import CheckpointStore, ConfigMismatchError
+
+    model = nn.Linear(2, 2)
+    store = CheckpointStore(tmp_path)
+    save_state(store, 0, TorchState(model=model, opt=torch.optim.Adam(model.parameters())))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(
+        ConfigMismatchError, match="part 'opt' was saved from a Adam, and this TorchState has a SGD"
+    ):
+        load_state(store, TorchState(model=model, opt=sgd))

@@ -1,0 +1,252 @@
+"""Keras and TensorFlow values as ckptkit trees: variables by stable keys, checked before loading.
+
+A Keras model's (or optimizer's) variables are keyed ``"{index:04d}:{variable.path}"`` in
+``.variables`` order: Keras paths can repeat (two layers may make ``"dense/kernel"``), and the
+index keeps every key unique. A plain ``tf.Module``'s variables are keyed by their path in the
+trackable object graph (``tf.train.TrackableView.children``, breadth first, the first path to
+each variable, names joined with ``/``), the names ``tf.train.Checkpoint`` uses too.
+
+Everything is checked (keys, shapes, dtypes) before any variable is assigned, so a state that
+does not fit changes nothing. Arrays keep their dtype exactly: float16 as numpy's, bfloat16 as
+``ml_dtypes``' (what ``variable.numpy()`` returns for it).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.backend.common import global_state
+from keras.src.random import seed_generator as _seed_generator
+from tensorflow.python.ops import stateful_random_ops as _tf_random
+
+from ckptkit._errors import ConfigMismatchError, CorruptCheckpointError
+
+# Keras numbers auto-named objects per process ("dense", "dense_1", ...; "adam_1/dense_4_kernel_
+# momentum"): the numbers depend on what the process made before, not on the architecture.
+_AUTO_NUMBER = re.compile(r"_\d+(?=[_/]|$)")
+_VARIABLE_TYPES = (tf.Variable, keras.Variable)
+
+
+def show(items: Sequence[str]) -> str:
+    """At most ten items of a list for an error message, then how many more there are."""
+    items = list(items)
+    return str(items) if len(items) <= 10 else f"{items[:10]} and {len(items) - 10} more"
+
+
+def to_numpy(value: Any) -> Any:
+    """A tensor or variable's exact value as a numpy array (anything else unchanged)."""
+    if isinstance(value, (*_VARIABLE_TYPES, tf.Tensor)):
+        return np.asarray(value.numpy())
+    return value
+
+
+def convert(value: Any) -> Any:
+    """A nested state with tensors and variables in it, with numpy arrays in their place."""
+    if isinstance(value, Mapping):
+        return {key: convert(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [convert(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(convert(item) for item in value)
+    return to_numpy(value)
+
+
+def _spec(variable: Any) -> tuple[tuple[int, ...], str]:
+    shape = tuple(int(d) for d in variable.shape)
+    dtype = variable.dtype
+    return shape, dtype if isinstance(dtype, str) else tf.as_dtype(dtype).name
+
+
+def keras_keys(variables: Sequence[Any]) -> list[str]:
+    """The key of each Keras variable: its index in ``variables`` and its path."""
+    return [f"{index:04d}:{variable.path}" for index, variable in enumerate(variables)]
+
+
+def capture(keys: Sequence[str], variables: Sequence[Any]) -> dict[str, Any]:
+    """The variables' values as numpy arrays, by key."""
+    return {
+        key: np.asarray(variable.numpy()) for key, variable in zip(keys, variables, strict=True)
+    }
+
+
+def match(
+    keys: Sequence[str], variables: Sequence[Any], saved: Any, what: str, hint: str
+) -> list[tuple[Any, np.ndarray[Any, Any]]]:
+    """Pair each variable with its saved value, checking keys, shapes and dtypes; assign nothing.
+
+    Keys must be equal; for Keras keys (``"0003:dense_1/kernel"``) they may also differ only in
+    Keras' auto-numbering, as in a model built again in the same process.
+
+    Raises:
+        ConfigMismatchError: naming the missing and unexpected keys, or each key whose saved
+            shape or dtype differs from the variable's.
+    """
+    if not isinstance(saved, Mapping):
+        raise ConfigMismatchError(
+            f"{what}: the saved state is a {type(saved).__name__}, not a dict of variables; {hint}"
+        )
+    by_key = dict(zip(keys, variables, strict=True))
+    if set(saved) == set(by_key):
+        pairs = [(key, by_key[key], saved[key]) for key in keys]
+    elif len(saved) == len(keys) and all(isinstance(k, str) and ":" in k for k in saved):
+        saved_keys = sorted(saved, key=lambda k: int(k.split(":", 1)[0]) if k[:4].isdigit() else -1)
+        if [_AUTO_NUMBER.sub("", k) for k in saved_keys] != [_AUTO_NUMBER.sub("", k) for k in keys]:
+            raise _key_error(keys, saved, what, hint)
+        pairs = [(key, v, saved[s]) for key, v, s in zip(keys, variables, saved_keys, strict=True)]
+    else:
+        raise _key_error(keys, saved, what, hint)
+    wrong, out = [], []
+    for key, variable, value in pairs:
+        array = to_numpy(value)
+        shape, dtype = _spec(variable)
+        if not isinstance(array, (np.ndarray, np.generic)):
+            wrong.append(f"{key}: saved a {type(value).__name__}, here {shape} {dtype}")
+        elif (tuple(array.shape), array.dtype.name) != (shape, dtype):
+            wrong.append(
+                f"{key}: saved {tuple(array.shape)} {array.dtype.name}, here {shape} {dtype}"
+            )
+        else:
+            out.append((variable, np.asarray(array)))
+    if wrong:
+        raise ConfigMismatchError(
+            f"{what}: the saved variables do not fit: {show(wrong)}; build it with the same "
+            "sizes and dtypes as when it was saved"
+        )
+    return out
+
+
+def _key_error(keys: Sequence[str], saved: Mapping[Any, Any], what: str, hint: str) -> Exception:
+    missing = sorted(k for k in keys if k not in saved)
+    unexpected = sorted(str(k) for k in saved if k not in set(keys))
+    empty = " (it has no variables yet: build it before loading)" if not keys else ""
+    return ConfigMismatchError(
+        f"{what}: the saved variables do not match{empty}: missing keys {show(missing)}, "
+        f"unexpected keys {show(unexpected)}; {hint}"
+    )
+
+
+def assign(pairs: Sequence[tuple[Any, np.ndarray[Any, Any]]]) -> None:
+    """Assign each checked value to its variable."""
+    for variable, array in pairs:
+        variable.assign(array)
+
+
+def trackable_variables(root: Any) -> tuple[list[str], list[Any]]:
+    """The variables reachable from ``root`` in the trackable object graph, keyed by path.
+
+    Breadth first over ``tf.train.TrackableView.children``; a variable reached by several
+    paths is keyed by the first (the shortest), so each is saved once.
+    """
+    keys: list[str] = []
+    found: list[Any] = []
+    seen = {id(root)}
+    queue: list[tuple[str, Any]] = [("", root)]
+    while queue:
+        prefix, obj = queue.pop(0)
+        for name, child in tf.train.TrackableView.children(obj).items():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = f"{prefix}{name}"
+            if isinstance(child, _VARIABLE_TYPES):
+                keys.append(path)
+                found.append(child)
+            else:
+                queue.append((f"{path}/", child))
+    return keys, found
+
+
+def generator_state(generator: tf.random.Generator) -> dict[str, Any]:
+    """A ``tf.random.Generator``'s state: its state variable and its algorithm."""
+    return {"state": np.asarray(generator.state.numpy()), "algorithm": int(generator.algorithm)}
+
+
+def check_generator(saved: Any, where: str, generator: tf.random.Generator | None) -> None:
+    """Refuse a saved generator state of the wrong form, or (given one) another algorithm."""
+    if not (
+        isinstance(saved, Mapping)
+        and set(saved) == {"state", "algorithm"}
+        and isinstance(saved["algorithm"], int)
+        and isinstance(to_numpy(saved["state"]), np.ndarray)
+    ):
+        raise ConfigMismatchError(f"{where}: the saved state is not a tf.random.Generator's")
+    state = to_numpy(saved["state"])
+    if generator is not None:
+        here = generator_state(generator)
+        if saved["algorithm"] != here["algorithm"] or state.shape != here["state"].shape:
+            raise ConfigMismatchError(
+                f"{where}: saved from a generator with algorithm {saved['algorithm']} and state "
+                f"shape {state.shape}, this one has {here['algorithm']} and "
+                f"{here['state'].shape}; make it with the same algorithm"
+            )
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global generators: Keras' seed generator, TF's global generator, Python's, NumPy's.
+
+    Keras' and TF's are None where they have not been created yet (and loading such a state
+    removes them again, so they are created the same way the next time they are needed).
+    """
+    keras_gen = global_state.get_global_attribute(_seed_generator.GLOBAL_SEED_GENERATOR)
+    tf_gen = _tf_random.global_generator
+    return {
+        "keras": None if keras_gen is None else np.asarray(keras_gen.state.numpy()),
+        "tf": None if tf_gen is None else generator_state(tf_gen),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=False),
+    }
+
+
+def check_rng(saved: Any, where: str) -> None:
+    """Refuse a malformed saved RNG state before anything is restored.
+
+    Raises:
+        CorruptCheckpointError: naming the generator whose state is malformed.
+    """
+    if not isinstance(saved, Mapping) or set(saved) != {"keras", "tf", "python", "numpy"}:
+        raise CorruptCheckpointError(f"{where}: the saved random-generator state is malformed")
+    checks = {
+        "python": lambda s: random.Random().setstate(s),
+        "numpy": lambda s: np.random.RandomState().set_state(s),
+        "keras": lambda s: s is None or to_numpy(s).shape == (2,) or _fail(),
+        "tf": lambda s: s is None or check_generator(s, where, None),
+    }
+    for name, check in checks.items():
+        try:
+            check(saved[name])
+        except (TypeError, ValueError, KeyError, AttributeError, ConfigMismatchError) as e:
+            raise CorruptCheckpointError(
+                f"{where}: the saved state of the {name} random generator is malformed ({e})"
+            ) from e
+
+
+def _fail() -> bool:
+    raise ValueError("expected an array of shape (2,)")
+
+
+def restore_rng(saved: Mapping[str, Any]) -> None:
+    """Set the global generators to a state checked by :func:`check_rng`."""
+    if saved["keras"] is None:
+        global_state.set_global_attribute(_seed_generator.GLOBAL_SEED_GENERATOR, None)
+    else:
+        # Creating it draws from Python's generator, which is restored after.
+        gen = _seed_generator.global_seed_generator()
+        gen.state.assign(to_numpy(saved["keras"]).astype(gen.state.dtype))
+    tf_saved = saved["tf"]
+    current = _tf_random.global_generator
+    if tf_saved is None:
+        _tf_random.global_generator = None
+    elif current is not None and int(current.algorithm) == tf_saved["algorithm"]:
+        current.reset(to_numpy(tf_saved["state"]))  # in place: tf.functions keep seeing it
+    else:
+        tf.random.set_global_generator(
+            tf.random.Generator.from_state(to_numpy(tf_saved["state"]), tf_saved["algorithm"])
+        )
+    np.random.set_state(saved["numpy"])
+    random.setstate(saved["python"])

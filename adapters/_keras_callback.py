@@ -1,0 +1,315 @@
+"""CheckpointCallback: resume, checkpoint, stop early and restore the best inside ``model.fit``.
+
+One ``keras.callbacks.Callback`` does what ``EarlyStopping``, ``ModelCheckpoint`` and
+``BackupAndRestore`` do together, through the core :class:`~ckptkit.Checkpointer`: the whole
+training state (``KerasState``: every model variable, the optimizer's variables, the Keras RNG)
+and the stopping policy's counters are saved in each checkpoint, so a restarted ``fit`` stops
+at the epoch the uninterrupted one would have, with the same weights.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import keras
+import numpy as np
+
+from ckptkit._checkpointer import Checkpointer
+from ckptkit._errors import MissingMetricError
+from ckptkit._policy import Decision, StoppingPolicy
+from ckptkit._record import CheckpointRecord
+from ckptkit._store import CheckpointStore
+
+from ._keras_state import KerasState
+
+__all__ = ["CheckpointCallback"]
+
+#: Metadata key of each checkpoint's place in ``fit``: ``{"epoch", "batch", "epoch_end"}``.
+FIT_METADATA_KEY = "keras_fit"
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Checkpoint ``model.fit`` with exact resume, early stopping and best-k retention.
+
+    Why: Keras's ``EarlyStopping`` forgets its counters when the process dies, and
+    ``ModelCheckpoint`` saves weights without the optimizer or RNG; a restarted run then
+    neither continues nor stops as the uninterrupted one would. This callback saves both in
+    every checkpoint, atomically, and resumes them when ``fit`` starts.
+
+    In ``fit``:
+
+    - ``set_model``: builds ``checkpointer``, a :class:`~ckptkit.Checkpointer` over the store,
+      the policy and ``KerasState(model, model.optimizer)``;
+    - ``on_train_begin``: resumes the latest checkpoint (state and policy) and makes ``fit``
+      start at the epoch after it, as ``BackupAndRestore`` does; a run that had already
+      stopped trains no further epoch;
+    - ``on_epoch_end``: reads the policy's monitor from ``logs``, observes it, saves with every
+      numeric log as metrics, applies the store's retention, and sets
+      ``model.stop_training`` when the policy says stop;
+    - ``on_train_end``: with ``restore_best_weights``, loads the best checkpoint.
+
+    Steps: with ``save_freq="epoch"`` a checkpoint's step is its epoch (0-based, as Keras
+    counts). With ``save_freq=N`` a step counts optimizer steps: the checkpoint taken after
+    ``k`` batches have been trained since the first epoch has step ``k - 1``, both every ``N``
+    batches and at each epoch's end (where the policy observes, so its ``warmup`` and
+    ``best_step`` count optimizer steps too). A run resumed from a checkpoint taken inside an
+    epoch restarts that epoch from its first batch with the saved weights, as Keras's
+    ``BackupAndRestore`` does, so it is not bit-identical to an uninterrupted run; a run
+    resumed from an epoch's end is.
+
+    Args:
+        store: where checkpoints go (its ``keep_last``/``keep_best`` apply after each save).
+        policy: the stopping rule (Keras ``EarlyStopping``'s monitor, mode, patience,
+            min_delta, baseline, start_from_epoch as ``warmup``), or None to only save.
+        restore_best_weights: at the end of ``fit``, load the best checkpoint's state.
+        save_best_only: save only epochs where the policy sees an improvement.
+        save_weights_only: save the model's variables only (no optimizer, no RNG): smaller,
+            but a resumed run is not exact.
+        save_freq: ``"epoch"``, or an int N to also save every N batches.
+        initial_value_threshold: with ``save_best_only``, save only values better than this
+            (Keras ``ModelCheckpoint``); it does not change when the policy stops.
+
+    Raises:
+        ValueError: an option is invalid, or it needs a policy and there is none.
+
+    Example:
+        >>> store = CheckpointStore("run", keep_last=2, keep_best=1, monitor="val_loss")
+        >>> policy = StoppingPolicy(monitor="val_loss", patience=3)
+        >>> callback = CheckpointCallback(store, policy, restore_best_weights=True)
+        >>> model.fit(x, y, validation_data=(xv, yv), epochs=50, callbacks=[callback])
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        policy: StoppingPolicy | None = None,
+        *,
+        restore_best_weights: bool = False,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        save_freq: Literal["epoch"] | int = "epoch",
+        initial_value_threshold: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(store, CheckpointStore):
+            raise TypeError(f"store must be a ckptkit CheckpointStore, got {type(store).__name__}")
+        if policy is not None and not isinstance(policy, StoppingPolicy):
+            raise TypeError(f"policy must be a StoppingPolicy or None, got {type(policy).__name__}")
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
+        ):
+            raise ValueError(f'save_freq must be "epoch" or an int >= 1, got {save_freq!r}')
+        if policy is None and (save_best_only or initial_value_threshold is not None):
+            raise ValueError(
+                "save_best_only and initial_value_threshold need a policy to say what an "
+                "improvement is; pass policy=StoppingPolicy(monitor=...)"
+            )
+        if initial_value_threshold is not None and not save_best_only:
+            raise ValueError(
+                "initial_value_threshold applies only with save_best_only=True (as in Keras's "
+                "ModelCheckpoint); pass save_best_only=True too"
+            )
+        self.store = store
+        self.policy = policy
+        self.restore_best_weights = bool(restore_best_weights)
+        self.save_best_only = bool(save_best_only)
+        self.save_weights_only = bool(save_weights_only)
+        self.save_freq = save_freq
+        self.initial_value_threshold = (
+            None if initial_value_threshold is None else float(initial_value_threshold)
+        )
+        #: The core checkpointer; None until Keras calls ``set_model``.
+        self.checkpointer: Checkpointer | None = None
+        #: The decision of the last ``on_epoch_end``; None before the first.
+        self.last_decision: Decision | None = None
+        #: The record ``on_train_end`` restored; None until it has.
+        self.best_record: CheckpointRecord | None = None
+        self._epoch = 0
+        self._saved_at: int | None = None  # optimizer steps at the last save
+        self._batch_logs: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointCallback({self.store!r}, {self.policy!r}, "
+            f"save_freq={self.save_freq!r}, save_best_only={self.save_best_only!r})"
+        )
+
+    @property
+    def initial_epoch(self) -> int:
+        """The epoch to pass to ``model.fit(initial_epoch=...)``: the one after the latest save.
+
+        Needs only the store, so it can be read before ``fit``; 0 when the store is empty.
+        ``fit`` starts there even without it (``on_train_begin`` tells Keras).
+        """
+        return _next_epoch(self.store.latest())
+
+    def set_model(self, model: Any) -> None:
+        """Keep the model and build the checkpointer over its state (Keras calls this)."""
+        super().set_model(model)
+        optimizer = None if self.save_weights_only else getattr(model, "optimizer", None)
+        state = KerasState(model, optimizer, rng=not self.save_weights_only)
+        self.checkpointer = Checkpointer(self.store, self.policy, state)
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        """Resume the latest checkpoint and make ``fit`` start at the epoch after it."""
+        ckpt = self._checkpointer()
+        ckpt.resume()
+        start = _next_epoch(ckpt.resumed_from)
+        if ckpt.should_stop:
+            start = max(start, int(self.params.get("epochs") or 0))  # train no further epoch
+        # Keras's own BackupAndRestore resumes fit this way; fit reads it after this event.
+        self.model._initial_epoch = start or None
+        self._saved_at = self._optimizer_steps()
+        self.last_decision = None
+        self.best_record = None
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """Remember the epoch, for the metadata of saves inside it."""
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """With ``save_freq=N``, save when N more batches have been trained since the last save.
+
+        Saving at the start of the next batch (the same state as the end of the previous one)
+        leaves an epoch's last batch to the epoch-end save, which also records the policy.
+        """
+        if self.save_freq == "epoch" or self.save_best_only:
+            return
+        done = self._optimizer_steps()
+        if self._saved_at is not None and done - self._saved_at < self.save_freq:
+            return
+        if done == 0:
+            return
+        self._checkpointer().save(
+            done - 1, self._batch_logs, metadata=self._where(batch=batch, epoch_end=False)
+        )
+        self._saved_at = done
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """Keep the batch's numeric logs, the metrics of a save at the next batch's start."""
+        if self.save_freq != "epoch":
+            self._batch_logs = _numeric(logs)
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """Observe the monitored metric, save if due, apply retention; stop when told to.
+
+        Raises:
+            MissingMetricError: ``logs`` lacks the monitored metric; the message lists the
+                keys there are (and says to pass validation data for a ``val_`` metric).
+        """
+        ckpt = self._checkpointer()
+        metrics = _numeric(logs)
+        step = epoch if self.save_freq == "epoch" else self._optimizer_steps() - 1
+        meta = self._where(batch=None, epoch_end=True)
+        policy = self.policy
+        if policy is None:
+            if not self.save_best_only:
+                ckpt.save(step, metrics, metadata=meta)
+                self._saved_at = self._optimizer_steps()
+            return
+        monitor = policy.monitor
+        if monitor not in metrics:
+            raise MissingMetricError(_missing_message(monitor, epoch, logs or {}))
+        if policy.should_stop:
+            self.model.stop_training = True
+            return
+        decision = policy.observe(metrics[monitor], step=step)
+        self.last_decision = decision
+        if self._due(decision, metrics[monitor]):
+            ckpt.save(step, metrics, metadata=meta)
+            self._saved_at = self._optimizer_steps()
+        if decision.should_stop:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        """With ``restore_best_weights``, load the best checkpoint's state into the model.
+
+        When the best was not saved (every value was NaN, or none beat
+        ``initial_value_threshold``), the weights stay as they are, with a ``UserWarning``.
+        """
+        self.model._initial_epoch = None  # Keras keeps it on the model for later fits
+        if not self.restore_best_weights:
+            return
+        ckpt = self._checkpointer()
+        best = self.policy.best_step if self.policy is not None else None
+        if self.policy is not None and (best is None or best not in self.store):
+            what = "no value improved" if best is None else f"step {best} was not saved"
+            warnings.warn(
+                f"restore_best_weights: {what} in {self.store.root}, so the model keeps its "
+                "last weights",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        self.best_record = ckpt.restore_best()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _checkpointer(self) -> Checkpointer:
+        if self.checkpointer is None:
+            raise RuntimeError(
+                "CheckpointCallback has no model yet: pass it to model.fit(callbacks=[...]), "
+                "or call set_model(model) first"
+            )
+        return self.checkpointer
+
+    def _due(self, decision: Decision, value: float) -> bool:
+        if decision.improved:
+            threshold = self.initial_value_threshold
+            if threshold is None or not self.save_best_only:
+                return True
+            minimize = self.policy is not None and self.policy.mode == "min"
+            return value < threshold if minimize else value > threshold
+        # Every epoch end otherwise, including the stop (so a restart stays stopped).
+        return not self.save_best_only
+
+    def _where(self, *, batch: int | None, epoch_end: bool) -> dict[str, Any]:
+        return {FIT_METADATA_KEY: {"epoch": self._epoch, "batch": batch, "epoch_end": epoch_end}}
+
+    def _optimizer_steps(self) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return 0
+        return int(optimizer.iterations.numpy())  # an int64 scalar variable
+
+
+def _next_epoch(record: CheckpointRecord | None) -> int:
+    """The epoch ``fit`` continues at after ``record``: the next one, or its own if mid-epoch."""
+    if record is None:
+        return 0
+    where = record.metadata.get(FIT_METADATA_KEY)
+    if isinstance(where, Mapping) and isinstance(where.get("epoch"), int):
+        return int(where["epoch"]) + (1 if where.get("epoch_end", True) else 0)
+    return record.step + 1
+
+
+def _numeric(logs: Mapping[str, Any] | None) -> dict[str, float]:
+    """The logs that are real numbers (Python, numpy or 0-d tensors), as floats."""
+    out: dict[str, float] = {}
+    for name, value in (logs or {}).items():
+        if isinstance(value, bool) or not isinstance(name, str):
+            continue
+        if isinstance(value, numbers.Real):
+            out[name] = float(value)
+            continue
+        array = np.asarray(value) if getattr(value, "ndim", None) == 0 else None
+        if array is not None and array.dtype.kind in "iuf":
+            out[name] = float(array)
+    return out
+
+
+def _missing_message(monitor: str, epoch: int, logs: Mapping[str, Any]) -> str:
+    names = sorted(logs)
+    if monitor.startswith("val_") and not any(n.startswith("val_") for n in names):
+        return (
+            f"epoch {epoch}: the policy monitors {monitor!r}, but fit computed no validation "
+            f"metrics (logs have only {names}); pass validation_data= (or validation_split=) "
+            "to model.fit, or monitor a training metric"
+        )
+    return (
+        f"epoch {epoch}: the policy monitors {monitor!r}, which is not in the epoch's logs "
+        f"{names}; monitor one of those (Keras names metrics after compile(metrics=...))"
+    )

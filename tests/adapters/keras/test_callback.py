@@ -1,0 +1,261 @@
+"""CheckpointCallback inside real ``model.fit`` runs: stopping, exact resume, saving options."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+keras = pytest.importorskip("keras")
+
+from ckptkit import CheckpointStore, MissingMetricError, StoppingPolicy  # noqa: E402
+from ckptkit.adapters._keras_callback import CheckpointCallback  # noqa: E402
+from ckptkit.adapters._keras_state import KerasState  # noqa: E402
+from ckptkit.demo import trees_identical  # noqa: E402
+
+BATCH = 32
+
+
+def make_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A small noisy regression task, 192 samples to train on (6 batches) and 64 to validate."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype("float32")
+    y = (np.tanh(x @ rng.normal(size=(8, 1))) + 0.3 * rng.normal(size=(256, 1))).astype("float32")
+    return x[:192], y[:192], x[192:], y[192:]
+
+
+X, Y, XV, YV = make_data()
+
+
+def build(seed: int = 1) -> Any:
+    """A seeded MLP with Dropout, compiled with Adam (every run starts by seeding Keras)."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    return model
+
+
+def fit(model: Any, callbacks: list[Any], epochs: int, **kwargs: Any) -> Any:
+    """``model.fit`` on the fixed data, in order, silently."""
+    kwargs.setdefault("validation_data", (XV, YV))
+    return model.fit(
+        X,
+        Y,
+        epochs=epochs,
+        batch_size=BATCH,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def digest(model: Any, variables: Any = None) -> str:
+    """SHA-256 of the bytes of every model variable (or of ``variables``), in order."""
+    h = hashlib.sha256()
+    for v in model.variables if variables is None else variables:
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_stops_at_the_same_epoch_as_keras_early_stopping(tmp_path: Path) -> None:
+    """Same settings, same data: stops where EarlyStopping does and restores the same best."""
+    options = {"patience": 2, "min_delta": 0.01}
+    reference = build()
+    keras_stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", restore_best_weights=True, **options
+    )
+    ref_history = fit(reference, [keras_stop], epochs=40)
+    assert keras_stop.stopped_epoch > 0, "the data must make EarlyStopping stop early"
+
+    model = build()
+    policy = StoppingPolicy(monitor="val_loss", **options)
+    callback = CheckpointCallback(CheckpointStore(tmp_path), policy, restore_best_weights=True)
+    history = fit(model, [callback], epochs=40)
+
+    assert history.epoch == ref_history.epoch
+    assert policy.stop_step == keras_stop.stopped_epoch
+    assert policy.best_step == keras_stop.best_epoch
+    assert callback.best_record is not None and callback.best_record.step == policy.best_step
+    # Keras restores the weights only; ckptkit also the optimizer and the Dropout seed state.
+    assert digest(model, model.trainable_variables) == digest(
+        reference, reference.trainable_variables
+    )
+
+
+def test_resume_after_a_restart_equals_the_uninterrupted_fit_bitwise(tmp_path: Path) -> None:
+    """New model, optimizer and callback on the same store continue exactly (Dropout and Adam)."""
+    reference = build()
+    fit(reference, [CheckpointCallback(CheckpointStore(tmp_path / "ref"))], epochs=6)
+
+    first = build()
+    fit(first, [CheckpointCallback(CheckpointStore(tmp_path / "run"))], epochs=3)
+    model = build()  # "the restart": fresh objects, re-seeded, freshly initialised weights
+    callback = CheckpointCallback(CheckpointStore(tmp_path / "run"))
+    assert callback.initial_epoch == 3
+    history = fit(model, [callback], epochs=6, initial_epoch=callback.initial_epoch)
+
+    assert history.epoch == [3, 4, 5]
+    assert digest(model) == digest(reference)
+    assert [r.step for r in CheckpointStore(tmp_path / "run").records()] == list(range(6))
+
+
+def test_fit_resumes_even_without_initial_epoch(tmp_path: Path) -> None:
+    """``on_train_begin`` makes fit start after the latest save, as BackupAndRestore does."""
+    fit(build(), [CheckpointCallback(CheckpointStore(tmp_path))], epochs=2)
+    model = build()
+    history = fit(model, [CheckpointCallback(CheckpointStore(tmp_path))], epochs=4)
+    assert history.epoch == [2, 3]
+    assert model._initial_epoch is None  # a later fit of the same model is not shifted
+
+
+def test_a_run_that_stopped_before_the_restart_trains_no_further(tmp_path: Path) -> None:
+    """The policy's stopped state comes back, so the resumed fit runs no epoch at all."""
+    policy = StoppingPolicy(monitor="val_loss", patience=1, min_delta=10.0)
+    fit(build(), [CheckpointCallback(CheckpointStore(tmp_path), policy)], epochs=20)
+    assert policy.stop_step == 1
+
+    again = StoppingPolicy(monitor="val_loss", patience=1, min_delta=10.0)
+    callback = CheckpointCallback(CheckpointStore(tmp_path), again)
+    assert callback.initial_epoch == 2
+    history = fit(build(), [callback], epochs=20, initial_epoch=callback.initial_epoch)
+    assert history.epoch == []
+    assert again.should_stop and again.stop_step == 1
+
+
+def test_a_missing_monitored_key_raises_naming_the_keys_there_are(tmp_path: Path) -> None:
+    """Keras only warns about an unknown monitor; the callback raises with the logged names."""
+    callback = CheckpointCallback(CheckpointStore(tmp_path), StoppingPolicy(monitor="val_acc"))
+    with pytest.raises(MissingMetricError) as info:
+        fit(build(), [callback], epochs=2)
+    assert str(info.value) == (
+        "epoch 0: the policy monitors 'val_acc', which is not in the epoch's logs ['loss', "
+        "'mae', 'val_loss', 'val_mae']; monitor one of those (Keras names metrics after "
+        "compile(metrics=...))"
+    )
+
+
+def test_a_val_monitor_without_validation_data_fails_at_the_first_epoch_end(
+    tmp_path: Path,
+) -> None:
+    """Monitoring ``val_loss`` with no validation data says to pass validation_data."""
+    callback = CheckpointCallback(CheckpointStore(tmp_path), StoppingPolicy(monitor="val_loss"))
+    with pytest.raises(MissingMetricError, match="pass validation_data=") as info:
+        fit(build(), [callback], epochs=3, validation_data=None)
+    assert str(info.value).startswith(
+        "epoch 0: the policy monitors 'val_loss', but fit computed no validation metrics "
+        "(logs have only ['loss', 'mae'])"
+    )
+    assert len(CheckpointStore(tmp_path)) == 0
+
+
+def test_save_freq_n_saves_every_n_batches_numbered_by_optimizer_steps(tmp_path: Path) -> None:
+    """With save_freq=4 and 6 batches an epoch, steps are optimizer steps minus one."""
+    callback = CheckpointCallback(CheckpointStore(tmp_path), save_freq=4)
+    fit(build(), [callback], epochs=3)
+    records = CheckpointStore(tmp_path).records()
+    # Each epoch's end (5, 11, 17) and whenever 4 batches were trained since the last save.
+    assert [r.step for r in records] == [3, 5, 9, 11, 15, 17]
+    where = {r.step: r.metadata["keras_fit"] for r in records}
+    assert where[3] == {"epoch": 0, "batch": 4, "epoch_end": False}
+    assert where[5] == {"epoch": 0, "batch": None, "epoch_end": True}
+    assert where[9] == {"epoch": 1, "batch": 4, "epoch_end": False}
+    assert "loss" in records[0].metrics and "val_loss" not in records[0].metrics
+    assert "val_loss" in records[1].metrics
+
+
+def test_after_a_save_inside_an_epoch_fit_restarts_that_epoch(tmp_path: Path) -> None:
+    """When the latest save is mid-epoch, ``initial_epoch`` is that epoch, not the next."""
+    store = CheckpointStore(tmp_path)
+    fit(build(), [CheckpointCallback(store, save_freq=4)], epochs=3)
+    store.save(18, {}, metadata={"keras_fit": {"epoch": 2, "batch": 1, "epoch_end": False}})
+    callback = CheckpointCallback(CheckpointStore(tmp_path))
+    assert callback.initial_epoch == 2
+
+
+def test_save_best_only_saves_improvements_and_respects_the_threshold(tmp_path: Path) -> None:
+    """Only improving epochs are saved, and with initial_value_threshold only those beating it."""
+    policy = StoppingPolicy(monitor="val_loss", patience=100)
+    fit(
+        build(),
+        [CheckpointCallback(CheckpointStore(tmp_path / "a"), policy, save_best_only=True)],
+        epochs=8,
+    )
+    values = [r.metrics["val_loss"] for r in CheckpointStore(tmp_path / "a").records()]
+    assert values == sorted(values, reverse=True) and len(values) >= 2
+
+    threshold = float(np.median(values))
+    callback = CheckpointCallback(
+        CheckpointStore(tmp_path / "b"),
+        StoppingPolicy(monitor="val_loss", patience=100),
+        save_best_only=True,
+        initial_value_threshold=threshold,
+    )
+    fit(build(), [callback], epochs=8)
+    kept = [r.metrics["val_loss"] for r in CheckpointStore(tmp_path / "b").records()]
+    assert kept == [v for v in values if v < threshold]
+
+
+def test_restore_best_weights_loads_the_best_epochs_state(tmp_path: Path) -> None:
+    """At train end the model (and optimizer) hold exactly the state saved at the best epoch."""
+    store = CheckpointStore(tmp_path)
+    policy = StoppingPolicy(monitor="val_loss", patience=100)
+    model = build()
+    callback = CheckpointCallback(store, policy, restore_best_weights=True)
+    fit(model, [callback], epochs=8)
+    assert policy.best_step is not None and policy.best_step < 7, "pick data whose best is early"
+    assert callback.best_record is not None and callback.best_record.step == policy.best_step
+    now = KerasState(model, model.optimizer).state_dict()
+    assert trees_identical(now, store.load(policy.best_step))
+    assert not trees_identical(now, store.load(7))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"save_freq": 0}, ValueError, 'save_freq must be "epoch" or an int >= 1, got 0'),
+        ({"save_freq": "batch"}, ValueError, 'save_freq must be "epoch" or an int >= 1'),
+        ({"save_best_only": True, "policy": None}, ValueError, "need a policy to say what"),
+        (
+            {"initial_value_threshold": 0.5},
+            ValueError,
+            "initial_value_threshold applies only with save_best_only=True",
+        ),
+        ({"policy": "val_loss"}, TypeError, "policy must be a StoppingPolicy or None, got str"),
+    ],
+)
+def test_invalid_options_fail_when_the_callback_is_made(
+    tmp_path: Path, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """Each invalid option fails at construction with a message saying what to pass."""
+    kwargs.setdefault("policy", StoppingPolicy(monitor="val_loss"))
+    policy = kwargs.pop("policy")
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CheckpointCallback(CheckpointStore(tmp_path), policy, **kwargs)
+    with pytest.raises(TypeError, match="store must be a ckptkit CheckpointStore, got str"):
+        CheckpointCallback("run")  # type: ignore[arg-type]
+
+
+def test_the_keras_tutorial_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every python block of docs/tutorials/keras-fit.md runs here, Keras ones included, in order."""
+    doc = Path(__file__).resolve().parents[3] / "docs" / "tutorials" / "keras-fit.md"
+    blocks = re.findall(r"^```python\n(.*?)^```$", doc.read_text(encoding="utf-8"), re.S | re.M)
+    assert len(blocks) == 4
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "__docs__"}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)
+    assert namespace["policy"].stop_step is not None

@@ -1,0 +1,104 @@
+"""Exact resume of ``model.fit``: a run SIGKILLed after a save, then resumed, ends bit for bit the same.
+
+Each run is ``workers/fit_worker.py`` in a fresh process (Dropout, Adam, NumPy data in order,
+checkpointed at each epoch's end by ``CheckpointCallback``). A killed run is resumed by a new
+process; its final variables must equal the uninterrupted run's byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+keras = pytest.importorskip("keras")
+
+WORKER = str(Path(__file__).parent / "workers" / "fit_worker.py")
+#: Kill trials; CKPTKIT_KERAS_KILL_TRIALS=50 runs a long campaign.
+TRIALS = int(os.environ.get("CKPTKIT_KERAS_KILL_TRIALS", "2"))
+EPOCHS = 6
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One worker process: its exit status and the lines it printed."""
+
+    code: int
+    lines: list[str]
+
+    @property
+    def digest(self) -> str | None:
+        """The final digest, if the run finished."""
+        done = [line.split()[1] for line in self.lines if line.startswith("digest ")]
+        return done[0] if done else None
+
+    def first(self, prefix: str) -> int:
+        """The number on the first line starting with ``prefix``."""
+        return next(int(line.split()[1]) for line in self.lines if line.startswith(prefix))
+
+
+def _start(root: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TF_NUM_INTEROP_THREADS="1")
+    env["TF_NUM_INTRAOP_THREADS"] = "1"
+    return subprocess.Popen(
+        [sys.executable, WORKER, str(root)], stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
+def run_to_end(root: Path) -> Run:
+    """Run a worker until it exits by itself."""
+    proc = _start(root)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # only does something when the worker hung past the timeout
+    return Run(proc.returncode, out.splitlines())
+
+
+def run_and_kill(root: Path, after_saves: int) -> Run:
+    """Run a worker and SIGKILL it as soon as it has printed ``after_saves`` ``saved`` lines."""
+    proc = _start(root)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line.strip())
+        if sum(x.startswith("saved ") for x in lines) >= after_saves:
+            break
+    proc.send_signal(signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=120)
+    return Run(proc.returncode, lines + rest.splitlines())
+
+
+def test_fit_killed_after_a_save_resumes_bit_exactly(tmp_path: Path) -> None:
+    """SIGKILL after a random epoch's save, resume in a new process: same final variables."""
+    rng = random.Random(0)
+    kills = [rng.randint(1, EPOCHS - 1) for _ in range(TRIALS)]
+
+    def trial(index: int) -> tuple[Run, Run]:
+        root = tmp_path / f"trial-{index}"
+        killed = run_and_kill(root, kills[index])
+        return killed, run_to_end(root)
+
+    with ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 1))) as pool:
+        reference = pool.submit(run_to_end, tmp_path / "reference")
+        trials = [pool.submit(trial, i) for i in range(TRIALS)]
+        ref = reference.result()
+        results = [t.result() for t in trials]
+
+    assert ref.code == 0 and ref.digest is not None, ref.lines
+    for (killed, resumed), after in zip(results, kills, strict=True):
+        assert killed.code == -signal.SIGKILL, killed.lines
+        assert resumed.code == 0, resumed.lines
+        # Killed right after its after-th save (the kill may land later, never earlier).
+        assert after <= resumed.first("resumed ") < EPOCHS, resumed.lines
+        assert resumed.digest == ref.digest, f"resumed after {after} saves: diverged"

@@ -15,12 +15,21 @@ Example:
 from __future__ import annotations
 
 try:
-    import keras as _keras  # noqa: F401  (imported for the clear error below)
+    import keras as _keras
 except ImportError as e:  # pragma: no cover - exercised in the torch test environment
     raise ImportError(
         "ckptkit.adapters.keras needs Keras 3 and TensorFlow, which are not installed: "
         "pip install 'ckptkit-ml[keras]'"
     ) from e
+
+if _keras.backend.backend() != "tensorflow":
+    # The state objects read TensorFlow variables and generators directly; on another backend
+    # they would save a partial state, so refuse rather than resume inexactly.
+    raise ImportError(
+        "ckptkit.adapters.keras supports Keras on the TensorFlow backend only, and this Keras "
+        f"runs on {_keras.backend.backend()!r}: set KERAS_BACKEND=tensorflow before importing "
+        "keras (for PyTorch models, use ckptkit.adapters.torch)"
+    )
 
 from ._keras_callback import CheckpointCallback
 from ._keras_state import (

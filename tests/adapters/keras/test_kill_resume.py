@@ -102,3 +102,39 @@ def test_fit_killed_after_a_save_resumes_bit_exactly(tmp_path: Path) -> None:
         # Killed right after its after-th save (the kill may land later, never earlier).
         assert after <= resumed.first("resumed ") < EPOCHS, resumed.lines
         assert resumed.digest == ref.digest, f"resumed after {after} saves: diverged"
+
+
+TAPE_WORKER = str(Path(__file__).parent / "workers" / "tape_worker.py")
+
+
+def test_gradient_tape_loop_killed_after_a_save_resumes_bit_exactly(tmp_path: Path) -> None:
+    """A GradientTape loop (TFState) SIGKILLed after a random step's save resumes to the same variables."""
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1"
+    )
+
+    def run(root: Path, kill_after: int | None) -> Run:
+        proc = subprocess.Popen(
+            [sys.executable, TAPE_WORKER, str(root)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert proc.stdout is not None
+        lines: list[str] = []
+        if kill_after is not None:
+            for line in proc.stdout:
+                lines.append(line.strip())
+                if sum(x.startswith("saved ") for x in lines) >= kill_after:
+                    break
+            proc.send_signal(signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=120)
+        return Run(proc.returncode, lines + rest.splitlines())
+
+    after = random.Random(1).randint(2, 10)
+    with ThreadPoolExecutor(2) as pool:
+        reference = pool.submit(run, tmp_path / "reference", None)
+        killed = run(tmp_path / "killed", after)
+        ref = reference.result()
+    resumed = run(tmp_path / "killed", None)
+    assert ref.code == 0 and ref.digest is not None, ref.lines
+    assert killed.code == -signal.SIGKILL, killed.lines
+    assert after <= resumed.first("resumed ") < 12, resumed.lines
+    assert resumed.digest == ref.digest

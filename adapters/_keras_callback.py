@@ -107,6 +107,13 @@ class CheckpointCallback(keras.callbacks.Callback):
                 "save_best_only and initial_value_threshold need a policy to say what an "
                 "improvement is; pass policy=StoppingPolicy(monitor=...)"
             )
+        if restore_best_weights and policy is None and store.monitor is None:
+            # Found here rather than after a whole fit: without either there is no best.
+            raise ValueError(
+                "restore_best_weights=True needs a policy or a store with a monitor to say which "
+                "checkpoint is best; pass policy=StoppingPolicy(monitor=...) or "
+                "CheckpointStore(root, monitor=...)"
+            )
         if initial_value_threshold is not None and not save_best_only:
             raise ValueError(
                 "initial_value_threshold applies only with save_best_only=True (as in Keras's "

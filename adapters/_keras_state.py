@@ -215,7 +215,7 @@ class TFState:
             elif isinstance(obj, (tf.Variable, keras.Variable)):
                 pairs += match(["value"], [obj], {"value": tree[name]}, what, "")
             else:
-                keys, variables = trackable_variables(obj)
+                keys, variables = _keyed_variables(obj)
                 pairs += match(keys, variables, tree[name], what, "build it as when it was saved")
         if self.rng:
             check_rng(tree["rng"], f"{where}: part 'rng'")
@@ -231,11 +231,21 @@ def _own_state(obj: Any) -> Any:
         return generator_state(obj)
     if isinstance(obj, (tf.Variable, keras.Variable)):
         return to_numpy(obj)
-    if isinstance(obj, keras.optimizers.Optimizer):
-        variables = list(obj.variables)
-        return capture(keras_keys(variables), variables)
-    keys, variables = trackable_variables(obj)
+    keys, variables = _keyed_variables(obj)
     return capture(keys, variables)
+
+
+def _keyed_variables(obj: Any) -> tuple[list[str], list[Any]]:
+    """An object's variables and their keys, the same way on save and on load.
+
+    Keras layers, models and optimizers list every variable themselves (seed-generator states
+    included, which the trackable graph misses, and compiling a model adds its optimizer to
+    that graph), so they are keyed as :class:`KerasState` keys them; other trackables by path.
+    """
+    if isinstance(obj, (keras.optimizers.Optimizer, keras.layers.Layer)):
+        variables = list(obj.variables)
+        return keras_keys(variables), variables
+    return trackable_variables(obj)
 
 
 def state_to_tree(obj: Any) -> Any:

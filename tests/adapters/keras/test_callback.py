@@ -253,9 +253,17 @@ def test_the_keras_tutorial_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """Every python block of docs/tutorials/keras-fit.md runs here, Keras ones included, in order."""
     doc = Path(__file__).resolve().parents[3] / "docs" / "tutorials" / "keras-fit.md"
     blocks = re.findall(r"^```python\n(.*?)^```$", doc.read_text(encoding="utf-8"), re.S | re.M)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     for block in blocks:
         exec(compile(block, str(doc), "exec"), namespace)
     assert namespace["policy"].stop_step is not None
+
+
+def test_restore_best_weights_without_any_best_is_refused_before_training(tmp_path: Path) -> None:
+    """restore_best_weights with neither a policy nor a store monitor fails at once, not after fit."""
+    with pytest.raises(
+        ValueError, match="restore_best_weights=True needs a policy or a store with a monitor"
+    ):
+        CheckpointCallback(CheckpointStore(tmp_path), restore_best_weights=True)

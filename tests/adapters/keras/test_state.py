@@ -371,3 +371,23 @@ def test_tfstate_refuses_other_generators_paths_and_objects():
         TFState(x=[1])
     with pytest.raises(ValueError, match=r"TFState\(\) holds nothing"):
         TFState()
+
+
+def test_tfstate_keys_keras_objects_as_keras_state_does(tmp_path):
+    """In a TFState, a Keras model keeps its Dropout seed state and its keys through compile, and an optimizer reloads."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dropout(0.5)])
+    before = set(TFState(net=model).state_dict()["net"])
+    assert any("seed_generator_state" in key for key in before)
+    opt = keras.optimizers.Adam(0.01)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(np.ones((8, 3)), np.ones((8, 4)), epochs=1, verbose=0)
+    assert set(TFState(net=model).state_dict()["net"]) == before
+
+    store = CheckpointStore(tmp_path)
+    save_state(store, 0, TFState(net=model, opt=opt))
+    saved = [v.numpy().copy() for v in opt.variables]
+    model.fit(np.ones((8, 3)), np.zeros((8, 4)), epochs=1, verbose=0)
+    load_state(store, TFState(net=model, opt=opt))
+    for variable, value in zip(opt.variables, saved, strict=True):
+        assert variable.numpy().tobytes() == value.tobytes()

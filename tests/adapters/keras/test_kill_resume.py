@@ -47,17 +47,17 @@ class Run:
         return next(int(line.split()[1]) for line in self.lines if line.startswith(prefix))
 
 
-def _start(root: Path) -> subprocess.Popen[str]:
+def _start(root: Path, worker: str = WORKER) -> subprocess.Popen[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TF_NUM_INTEROP_THREADS="1")
     env["TF_NUM_INTRAOP_THREADS"] = "1"
     return subprocess.Popen(
-        [sys.executable, WORKER, str(root)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, worker, str(root)], stdout=subprocess.PIPE, text=True, env=env
     )
 
 
-def run_to_end(root: Path) -> Run:
+def run_to_end(root: Path, worker: str = WORKER) -> Run:
     """Run a worker until it exits by itself."""
-    proc = _start(root)
+    proc = _start(root, worker)
     try:
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -65,9 +65,9 @@ def run_to_end(root: Path) -> Run:
     return Run(proc.returncode, out.splitlines())
 
 
-def run_and_kill(root: Path, after_saves: int) -> Run:
+def run_and_kill(root: Path, after_saves: int, worker: str = WORKER) -> Run:
     """Run a worker and SIGKILL it as soon as it has printed ``after_saves`` ``saved`` lines."""
-    proc = _start(root)
+    proc = _start(root, worker)
     assert proc.stdout is not None
     lines: list[str] = []
     for line in proc.stdout:
@@ -109,31 +109,12 @@ TAPE_WORKER = str(Path(__file__).parent / "workers" / "tape_worker.py")
 
 def test_gradient_tape_loop_killed_after_a_save_resumes_bit_exactly(tmp_path: Path) -> None:
     """A GradientTape loop (TFState) SIGKILLed after a random step's save resumes to the same variables."""
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1"
-    )
-
-    def run(root: Path, kill_after: int | None) -> Run:
-        proc = subprocess.Popen(
-            [sys.executable, TAPE_WORKER, str(root)], stdout=subprocess.PIPE, text=True, env=env
-        )
-        assert proc.stdout is not None
-        lines: list[str] = []
-        if kill_after is not None:
-            for line in proc.stdout:
-                lines.append(line.strip())
-                if sum(x.startswith("saved ") for x in lines) >= kill_after:
-                    break
-            proc.send_signal(signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=120)
-        return Run(proc.returncode, lines + rest.splitlines())
-
     after = random.Random(1).randint(2, 10)
     with ThreadPoolExecutor(2) as pool:
-        reference = pool.submit(run, tmp_path / "reference", None)
-        killed = run(tmp_path / "killed", after)
+        reference = pool.submit(run_to_end, tmp_path / "reference", TAPE_WORKER)
+        killed = run_and_kill(tmp_path / "killed", after, TAPE_WORKER)
         ref = reference.result()
-    resumed = run(tmp_path / "killed", None)
+    resumed = run_to_end(tmp_path / "killed", TAPE_WORKER)
     assert ref.code == 0 and ref.digest is not None, ref.lines
     assert killed.code == -signal.SIGKILL, killed.lines
     assert after <= resumed.first("resumed ") < 12, resumed.lines

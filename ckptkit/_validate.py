@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -61,7 +60,3 @@ def to_float(value: object, *, where: str) -> float:
         f"{where} must be a real number (int, float, numpy scalar or 0-d array), got "
         f"{type(value).__name__}{shape}: {value!r:.80}; pass float(x) or x.item()"
     )
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

@@ -15,6 +15,7 @@ from ckptkit._errors import (
     LockTimeoutError,
     MissingMetricError,
     StoreFormatError,
+    StoreWriteError,
     UnsupportedStateError,
 )
 from ckptkit._modes import AUTO_MODES
@@ -46,6 +47,7 @@ __all__ = [
     "Stateful",
     "StoppingPolicy",
     "StoreFormatError",
+    "StoreWriteError",
     "UnsupportedStateError",
     "__version__",
 ]

@@ -44,5 +44,13 @@ class LockTimeoutError(CkptkitError, TimeoutError):
     """The store's lock could not be taken within the configured timeout."""
 
 
+class StoreWriteError(CkptkitError, OSError):
+    """The disk refused a write to the store (full, read-only, failing); ``errno`` says why.
+
+    Raised by ``save``, ``pin``, ``unpin`` and ``prune``. The message says whether the change was
+    committed; a failure before the commit point leaves every committed checkpoint as it was.
+    """
+
+
 class StoreFormatError(CorruptCheckpointError):
     """The store's manifest is unreadable, or was written by a newer format version."""

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,12 @@ class HashingWriter:
         assert self._fd is not None, "write after close"
         total = len(view)
         done = 0
-        while done < total:
-            done += os.write(self._fd, view[done : done + _MAX_WRITE])
+        try:
+            while done < total:
+                done += os.write(self._fd, view[done : done + _MAX_WRITE])
+        except OSError as e:
+            e.filename = e.filename or str(self.path)
+            raise
         self.size += total
         return total
 
@@ -79,6 +84,9 @@ class HashingWriter:
         fd, self._fd = self._fd, None
         try:
             os.fsync(fd)
+        except OSError as e:
+            e.filename = e.filename or str(self.path)
+            raise
         finally:
             os.close(fd)
 
@@ -101,37 +109,136 @@ def write_durable_file(path: Path, data: bytes) -> tuple[int, str]:
     return writer.size, writer.checksum
 
 
-def file_checksum(path: Path) -> tuple[int, str]:
-    """Size and checksum of an existing file, read in 8 MiB chunks."""
+class UnsafeFileError(ValueError):
+    """A path inside the store is a symlink or not a regular file, so it is not read."""
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def open_directory(path: Path) -> int:
+    """Open a directory of the store for ``dir_fd`` use, refusing a symlink.
+
+    The checkpoint's files are then opened relative to this descriptor, so a directory renamed,
+    deleted or replaced by a link after this call cannot redirect the reads elsewhere.
+
+    Raises:
+        UnsafeFileError: ``path`` is a symlink or not a directory.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    try:
+        return os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            kind = "a symlink" if os.path.islink(path) else "not a directory"
+            raise UnsafeFileError(
+                f"is {kind}; ckptkit reads only real directories inside its store"
+            ) from None
+        raise
+
+
+def open_regular(name: str | Path, *, dir_fd: int | None = None) -> int:
+    """Open a regular file for reading without following a symlink or blocking on a FIFO.
+
+    Raises:
+        UnsafeFileError: the path is a symlink, a FIFO, a device, a directory...
+        FileNotFoundError: it does not exist.
+    """
+    try:
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeFileError(
+                "is a symlink; ckptkit never follows links inside its store"
+            ) from None
+        if e.errno == errno.EISDIR:
+            raise UnsafeFileError("is not a regular file (a directory)") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafeFileError(f"is not a regular file ({_kind(mode)})")
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return f"mode {mode:o}"
+
+
+def _read_exactly(fd: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got : got + _MAX_WRITE]])
+        if not n:
+            raise ValueError(f"file ended after {got} of {size} bytes while reading")
+        got += n
+    return buf
+
+
+def read_capped(path: Path, *, cap: int) -> bytes:
+    """Read a whole small regular file (the manifest), refusing links and files over ``cap``.
+
+    Raises:
+        UnsafeFileError: a symlink or not a regular file.
+        ValueError: the file is larger than ``cap`` bytes.
+        FileNotFoundError: it does not exist.
+    """
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > cap:
+            raise ValueError(f"is {size} bytes, over the {cap}-byte cap")
+        return bytes(_read_exactly(fd, size))
+    finally:
+        os.close(fd)
+
+
+def file_checksum(name: str, *, dir_fd: int) -> tuple[int, str]:
+    """Size and checksum of an existing regular file, read in 8 MiB chunks."""
     h = hashlib.new(CHECKSUM_ALGORITHM)
     size = 0
-    with open(path, "rb") as f:
+    fd = open_regular(name, dir_fd=dir_fd)
+    try:
         buf = bytearray(8 << 20)
         view = memoryview(buf)
-        while n := f.readinto(buf):
+        while n := os.readv(fd, [buf]):
             h.update(view[:n])
             size += n
+    finally:
+        os.close(fd)
     return size, f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
 
 
-def read_verified(path: Path, *, size: int, checksum: str | None) -> bytearray:
+def read_verified(name: str, *, dir_fd: int, size: int, checksum: str | None) -> bytearray:
     """Read a whole file into a fresh buffer, checking its size and (if given) its checksum.
 
     Returns a writable buffer so arrays parsed from it are writable views, with one copy of the
-    data in memory. Raises ``ValueError`` describing the mismatch; the caller adds context.
+    data in memory. The size is checked before anything is allocated. Raises ``ValueError``
+    describing the mismatch (``UnsafeFileError`` for a link or special file); the caller adds
+    context.
     """
-    with open(path, "rb") as f:
-        actual = os.fstat(f.fileno()).st_size
+    fd = open_regular(name, dir_fd=dir_fd)
+    try:
+        actual = os.fstat(fd).st_size
         if actual != size:
             raise ValueError(f"size is {actual} bytes, the manifest says {size}")
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                raise ValueError(f"file ended after {got} of {size} bytes while reading")
-            got += n
+        buf = _read_exactly(fd, size)
+    finally:
+        os.close(fd)
     if checksum is not None:
         algorithm, _, _ = checksum.partition(":")
         h = hashlib.new(algorithm)
@@ -151,11 +258,24 @@ def remove_tree_of_own_files(directory: Path, names: Iterable[str]) -> bool:
     """Delete the named files in ``directory``, then the directory if it is then empty.
 
     Only the names given are deleted, so a file someone else put there survives (and keeps the
-    directory). Returns True if the directory is gone.
+    directory). A ``directory`` that is a symlink is removed as a link: nothing in its target is
+    touched. Returns True if the directory is gone.
     """
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / name)
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and os.path.islink(directory)):
+            os.unlink(directory)
+            return True
+        raise
+    try:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
     try:
         os.rmdir(directory)
     except FileNotFoundError:

@@ -21,6 +21,8 @@ from ckptkit._tree import decode_json_value, encode_json_value
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: The largest manifest read: about 100,000 checkpoints with modest metadata.
+MAX_MANIFEST_BYTES = 64 << 20
 
 #: Directory names the store gives checkpoints: ``step_`` and at least 12 digits, and a
 #: ``.N`` suffix for a checkpoint written over an existing step.

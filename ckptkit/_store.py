@@ -18,54 +18,48 @@ leaves the new manifest, whose checkpoints are all complete on disk. What a cras
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import filelock
 
-from ckptkit import _manifest
 from ckptkit._commit import commit_manifest, delete_checkpoints, sweep, write_directory
 from ckptkit._errors import (
     CheckpointExistsError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
+    CkptkitError,
     LockTimeoutError,
+    StoreWriteError,
+    UnsupportedStateError,
 )
-from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode, resolve_mode
-from ckptkit._reader import STATE_FORMAT_VERSION, read_state, verify_files
+from ckptkit._reader import MAX_STATE_JSON_BYTES, STATE_FORMAT_VERSION
 from ckptkit._record import CheckpointRecord
 from ckptkit._retention import RetentionPlan, RetentionPolicy
+from ckptkit._store_read import Checkpoint, FallbackWarning, StepSelector, StoreReader
 from ckptkit._tree import decode_json_value, encode_json_value, flatten_state
 from ckptkit._validate import check_metrics, check_step
+
+__all__ = ["LOCK_NAME", "Checkpoint", "CheckpointStore", "FallbackWarning", "StepSelector"]
 
 LOCK_NAME = ".ckptkit.lock"
 
 
-StepSelector = int | Literal["latest", "best"] | None
+class _Unread:
+    """The manifest was not read yet when a change failed (so nothing was committed)."""
 
 
-class FallbackWarning(UserWarning):
-    """A corrupt checkpoint was skipped in favour of an older one that verifies."""
+_UNREAD = _Unread()
 
 
-@dataclass(frozen=True, kw_only=True)
-class Checkpoint:
-    """A loaded checkpoint: its record and its state tree."""
-
-    record: CheckpointRecord
-    state: Any
-
-
-class CheckpointStore:
+class CheckpointStore(StoreReader):
     """A directory of committed checkpoints, listed by ``root/manifest.json``.
 
     Every ``save`` is atomic and durable; ``load`` verifies sizes and checksums; retention keeps
@@ -124,160 +118,8 @@ class CheckpointStore:
         self._protected: Counter[int] = Counter()
         self._sweep()
 
-    @property
-    def monitor(self) -> str | None:
-        return self.retention.monitor
-
-    @property
-    def mode(self) -> Mode:
-        return self.retention.mode
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / MANIFEST_NAME
-
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.root)!r}, {self.retention})"
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def records(self) -> list[CheckpointRecord]:
-        """Every committed checkpoint, sorted by step (read fresh from the manifest)."""
-        path = self.manifest_path
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return []
-        return _manifest.loads(data, path=str(path))
-
-    def __contains__(self, step: object) -> bool:
-        return any(r.step == step for r in self.records())
-
-    def __len__(self) -> int:
-        return len(self.records())
-
-    def latest(self) -> CheckpointRecord | None:
-        """The checkpoint with the highest step, or None in an empty store."""
-        records = self.records()
-        return records[-1] if records else None
-
-    def best(self) -> CheckpointRecord | None:
-        """The best checkpoint by ``monitor`` (ties: the earliest step), or None if none ranks.
-
-        Raises:
-            ValueError: the store was made without a ``monitor``.
-        """
-        return self._best(self.records())
-
-    def _best(self, records: list[CheckpointRecord]) -> CheckpointRecord | None:
-        if self.monitor is None:
-            raise ValueError(
-                f"{self.root}: this store has no monitor, so it has no best checkpoint; "
-                "open it with CheckpointStore(root, monitor=..., mode=...)"
-            )
-        ranked = self.retention.best(records)
-        return ranked[0] if ranked else None
-
-    def record(self, step: StepSelector = None) -> CheckpointRecord:
-        """The record of ``step`` (None or "latest": the newest; "best": the best)."""
-        return self._select(self.records(), step)
-
-    def load(
-        self, step: StepSelector = None, *, verify: bool = True, fallback: bool = False
-    ) -> Any:
-        """Load a checkpoint's state tree; see :meth:`load_checkpoint`."""
-        return self.load_checkpoint(step, verify=verify, fallback=fallback).state
-
-    def load_checkpoint(
-        self, step: StepSelector = None, *, verify: bool = True, fallback: bool = False
-    ) -> Checkpoint:
-        """Load a checkpoint: its record and its state tree, exactly as saved.
-
-        Args:
-            step: an int step, None or "latest" for the newest, "best" for the best by monitor.
-            verify: check every file's checksum against the manifest (sizes are always checked).
-            fallback: if the chosen checkpoint is corrupt, warn (``FallbackWarning``) and try
-                the next older one (for "best": the next best), until one verifies.
-
-        Raises:
-            CheckpointNotFoundError: no such step (the message lists the steps there are).
-            CorruptCheckpointError: a file does not match the manifest (and no fallback).
-        """
-        records = self.records()
-        chosen = self._select(records, step)
-        if not fallback:
-            return Checkpoint(record=chosen, state=self._read(chosen, verify=verify))
-        if step == "best":
-            candidates = self.retention.best(records)
-        else:
-            candidates = [r for r in reversed(records) if r.step <= chosen.step]
-        errors = []
-        for i, record in enumerate(candidates):
-            try:
-                return Checkpoint(record=record, state=self._read(record, verify=True))
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                errors.append(str(e))
-                nxt = f"trying step {candidates[i + 1].step}" if i + 1 < len(candidates) else ""
-                warnings.warn(
-                    FallbackWarning(f"skipping corrupt step {record.step}: {e}; {nxt}"),
-                    stacklevel=2,
-                )
-        raise CorruptCheckpointError(
-            f"{self.root}: no checkpoint verifies among steps {[r.step for r in candidates]}: "
-            + "; ".join(errors)
-        )
-
-    def verify(self, step: StepSelector = None) -> CheckpointRecord:
-        """Check a checkpoint's files against the sizes and checksums in the manifest.
-
-        Raises:
-            CorruptCheckpointError: naming the first file that is missing or differs.
-        """
-        record = self._select(self.records(), step)
-        verify_files(self.root, record)
-        return record
-
-    def _read(self, record: CheckpointRecord, *, verify: bool) -> Any:
-        try:
-            return read_state(self.root, record, verify=verify)
-        except FileNotFoundError as e:
-            if record.directory not in {r.directory for r in self.records()}:
-                raise CheckpointNotFoundError(
-                    f"{self.root}: step {record.step} was deleted or overwritten by another "
-                    "process while it was being loaded; load again"
-                ) from None
-            raise CorruptCheckpointError(
-                f"{e.filename}: a file of step {record.step} listed in the manifest is missing; "
-                "load another step, or pass fallback=True to load the newest one that verifies"
-            ) from None
-
-    def _select(self, records: list[CheckpointRecord], step: StepSelector) -> CheckpointRecord:
-        if not records:
-            raise CheckpointNotFoundError(f"{self.root}: the store has no checkpoints yet")
-        if step is None or step == "latest":
-            return records[-1]
-        if step == "best":
-            best = self._best(records)
-            if best is None:
-                raise CheckpointNotFoundError(
-                    f"{self.root}: no checkpoint has a finite {self.monitor!r} metric, so none is best"
-                )
-            return best
-        if isinstance(step, str):
-            raise ValueError(f"step must be an int, None, 'latest' or 'best', got {step!r}")
-        step = check_step(step)
-        for r in records:
-            if r.step == step:
-                return r
-        steps = [r.step for r in records]
-        shown = (
-            ", ".join(map(str, steps))
-            if len(steps) <= 12
-            else (", ".join(map(str, steps[:5])) + ", ..., " + ", ".join(map(str, steps[-5:])))
-        )
-        raise CheckpointNotFoundError(
-            f"{self.root}: no checkpoint for step {step}; the store has steps [{shown}]"
-        )
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -300,7 +142,8 @@ class CheckpointStore:
             UnsupportedStateError: a leaf of ``state`` cannot be saved (the message has its key path).
             CheckpointExistsError: ``step`` is committed and ``overwrite`` is False.
             LockTimeoutError: another process held the lock longer than ``lock_timeout``.
-            OSError: the disk failed (e.g. ENOSPC); the previous checkpoints are intact.
+            StoreWriteError: the disk failed (e.g. ENOSPC, a read-only file system); the
+                message says whether the step was committed. If not, the store is unchanged.
         """
         step = check_step(step)
         metric_values = check_metrics(metrics, step=step)
@@ -308,7 +151,13 @@ class CheckpointStore:
         skeleton, arrays = flatten_state(state)
         doc = {"format_version": STATE_FORMAT_VERSION, "tree": skeleton}
         state_bytes = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
-        with self._locked():
+        if len(state_bytes) > MAX_STATE_JSON_BYTES:
+            raise UnsupportedStateError(
+                f"step {step}: the state's non-array values take {len(state_bytes)} bytes of "
+                f"JSON, over the {MAX_STATE_JSON_BYTES}-byte cap of state.json; store large "
+                "numeric lists as numpy arrays"
+            )
+        with self._writing(f"saving step {step}"):
             records = self.records()
             old = next((r for r in records if r.step == step), None)
             if old is not None and not overwrite:
@@ -360,7 +209,7 @@ class CheckpointStore:
         return self._set_pinned(step, False)
 
     def _set_pinned(self, step: int, pinned: bool) -> CheckpointRecord:
-        with self._locked():
+        with self._writing(f"{'pinning' if pinned else 'unpinning'} step {step}"):
             records = self.records()
             target = self._select(records, check_step(step))
             updated = replace(target, pinned=pinned)
@@ -384,7 +233,7 @@ class CheckpointStore:
 
     def prune(self, *, dry_run: bool = False) -> RetentionPlan:
         """Apply retention now (it otherwise runs after each save); return what it decided."""
-        with self._locked():
+        with self._writing("pruning"):
             records = self.records()
             plan = self.retention.select(records, protected=self._protected)
             if not dry_run and plan.delete:
@@ -393,6 +242,59 @@ class CheckpointStore:
         return plan
 
     # -- locking and crash recovery ---------------------------------------------------------
+
+    @contextmanager
+    def _writing(self, action: str) -> Iterator[None]:
+        """Hold the lock for a change to the store; turn disk errors into ``StoreWriteError``.
+
+        The message says whether the change reached the manifest (the commit point), found by
+        comparing the manifest before and after the failure.
+        """
+        before: bytes | _Unread | None = _UNREAD
+        try:
+            with self._locked():
+                before = self._manifest_bytes()
+                yield
+        except CkptkitError:
+            raise
+        except OSError as e:
+            raise StoreWriteError(e.errno, self._write_error(e, action, before)) from e
+
+    def _manifest_bytes(self) -> bytes | None:
+        try:
+            return self.manifest_path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _write_error(self, e: OSError, action: str, before: bytes | _Unread | None) -> str:
+        reason = e.strerror or str(e)
+        if e.filename is not None:
+            reason += f" ({e.filename})"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            advice = "free disk space (or keep fewer checkpoints) and try again"
+        elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            advice = (
+                "the store is read-only or not writable by this user: loading works, but "
+                "changes need a writable root"
+            )
+        else:
+            advice = "check the disk, then try again"
+        try:
+            committed = before is not _UNREAD and self._manifest_bytes() != before
+        except OSError:
+            return (
+                f"{self.root}: {action} failed: {reason}, and the manifest cannot be read "
+                f"back to tell whether it was committed; {advice}"
+            )
+        if committed:
+            return (
+                f"{self.root}: {action} was committed, but a later step failed: {reason}; "
+                f"every listed checkpoint is whole; {advice}"
+            )
+        return (
+            f"{self.root}: {action} failed: {reason}; nothing was committed and the previous "
+            f"checkpoints are intact; {advice}"
+        )
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ckptkit import CheckpointStore
+from ckptkit import CheckpointStore, StoreWriteError
 
 CALLS = ("write", "fsync", "rename", "replace", "mkdir", "open")
 
@@ -106,13 +106,15 @@ def test_failure_while_deleting_retention_victims_keeps_the_commit(
     real_unlink = os.unlink
 
     def failing_unlink(path: Any, *a: Any, **k: Any) -> None:
-        if "step_000000000000" in str(path):
+        # A victim's files are unlinked relative to its directory's descriptor.
+        if "step_000000000000" in str(path) or k.get("dir_fd") is not None:
             raise OSError(errno.EIO, "injected EIO in os.unlink")
         real_unlink(path, *a, **k)
 
     monkeypatch.setattr(os, "unlink", failing_unlink)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(StoreWriteError, match="saving step 1 was committed, but .*injected") as e:
         store.save(1, {"w": np.ones(3)})
+    assert e.value.errno == errno.EIO
     monkeypatch.setattr(os, "unlink", real_unlink)
     reopened = CheckpointStore(tmp_path, keep_last=1)
     assert [r.step for r in reopened.records()] == [1]

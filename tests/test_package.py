@@ -36,6 +36,7 @@ def test_exported_names_are_pinned() -> None:
         "Stateful",
         "StoppingPolicy",
         "StoreFormatError",
+        "StoreWriteError",
         "UnsupportedStateError",
         "__version__",
     }
@@ -66,6 +67,7 @@ def test_errors_form_one_tree_with_builtin_bases() -> None:
         ckptkit.LockTimeoutError: TimeoutError,
         ckptkit.MissingMetricError: KeyError,
         ckptkit.StoreFormatError: ckptkit.CorruptCheckpointError,
+        ckptkit.StoreWriteError: OSError,
     }
     for error, builtin in pairs.items():
         assert issubclass(error, ckptkit.CkptkitError) and issubclass(error, builtin), error

@@ -451,11 +451,34 @@ def test_a_malformed_manifest_is_refused(tmp_path: Path, edit: Any, message: str
         store.records()
 
 
-def test_a_checkpoint_overwritten_during_a_load_is_reported_not_half_read(
+def test_a_checkpoint_overwritten_during_a_load_is_read_again_not_half_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If another process replaces a step between reading the manifest and its files, load says so."""
-    import ckptkit._store as store_module
+    """If another process replaces a step between reading the manifest and its files, load reads the new one."""
+    import ckptkit._store_read as store_module
+
+    store = CheckpointStore(tmp_path)
+    store.save(0, {"w": np.zeros(3)})
+    other = CheckpointStore(tmp_path)
+    real_read = store_module.read_state
+    reads = []
+
+    def read_after_overwrite(root: Path, record: Any, *, verify: bool) -> Any:
+        reads.append(record.directory)
+        if len(reads) == 1:
+            other.save(0, {"w": np.ones(3)}, overwrite=True)
+        return real_read(root, record, verify=verify)
+
+    monkeypatch.setattr(store_module, "read_state", read_after_overwrite)
+    assert store.load(0)["w"].tolist() == [1.0, 1.0, 1.0]
+    assert reads == ["step_000000000000", "step_000000000000.1"]
+
+
+def test_a_load_gives_up_with_a_clear_error_if_its_checkpoint_keeps_changing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step overwritten before every read attempt ends in CheckpointNotFoundError, not a hang."""
+    import ckptkit._store_read as store_module
 
     store = CheckpointStore(tmp_path)
     store.save(0, {"w": np.zeros(3)})
@@ -467,7 +490,7 @@ def test_a_checkpoint_overwritten_during_a_load_is_reported_not_half_read(
         return real_read(root, record, verify=verify)
 
     monkeypatch.setattr(store_module, "read_state", read_after_overwrite)
-    with pytest.raises(CheckpointNotFoundError, match="deleted or overwritten by another process"):
+    with pytest.raises(CheckpointNotFoundError, match="kept replacing .* step=0 .*20 attempts"):
         store.load(0)
     monkeypatch.undo()
     assert store.load(0)["w"][0] == 1.0

@@ -1,0 +1,262 @@
+"""The read side of ``CheckpointStore``: listing, choosing, loading and verifying checkpoints.
+
+Reads take no lock. They stay correct while other processes save, prune and delete, because
+files are never changed in place: the manifest is replaced atomically, a checkpoint's files are
+written before the manifest lists them and deleted only after it stops listing them. A read that
+finds a file missing or different reads the manifest again to tell corruption (an error) from
+another process's change (read again, or a clear error for a step that is gone).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from ckptkit import _fsio, _manifest
+from ckptkit._errors import CheckpointNotFoundError, CorruptCheckpointError, StoreFormatError
+from ckptkit._manifest import MANIFEST_NAME
+from ckptkit._modes import Mode
+from ckptkit._reader import read_state, verify_files
+from ckptkit._record import CheckpointRecord
+from ckptkit._retention import RetentionPolicy
+from ckptkit._validate import check_step
+
+StepSelector = int | Literal["latest", "best"] | None
+
+#: How many times a load re-reads the manifest when other processes replace its checkpoint.
+_MAX_ATTEMPTS = 20
+
+_T = TypeVar("_T")
+
+
+class _ChangedWhileReading(Exception):
+    """The checkpoint being read was deleted or replaced by another process meanwhile."""
+
+    def __init__(self, record: CheckpointRecord) -> None:
+        super().__init__(record.step)
+        self.record = record
+
+
+class FallbackWarning(UserWarning):
+    """A corrupt checkpoint was skipped in favour of an older one that verifies."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    """A loaded checkpoint: its record and its state tree."""
+
+    record: CheckpointRecord
+    state: Any
+
+
+class StoreReader:
+    """Listing, loading and verifying; ``CheckpointStore`` adds the writing side."""
+
+    root: Path
+    retention: RetentionPolicy
+
+    @property
+    def monitor(self) -> str | None:
+        return self.retention.monitor
+
+    @property
+    def mode(self) -> Mode:
+        return self.retention.mode
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def records(self) -> list[CheckpointRecord]:
+        """Every committed checkpoint, sorted by step (read fresh from the manifest)."""
+        path = self.manifest_path
+        try:
+            data = _fsio.read_capped(path, cap=_manifest.MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            return []
+        except ValueError as e:  # a link, a special file, or over the cap
+            raise StoreFormatError(
+                f"{path}: the manifest {e}; restore manifest.json from a copy"
+            ) from None
+        return _manifest.loads(data, path=str(path))
+
+    def __contains__(self, step: object) -> bool:
+        return any(r.step == step for r in self.records())
+
+    def __len__(self) -> int:
+        return len(self.records())
+
+    def latest(self) -> CheckpointRecord | None:
+        """The checkpoint with the highest step, or None in an empty store."""
+        records = self.records()
+        return records[-1] if records else None
+
+    def best(self) -> CheckpointRecord | None:
+        """The best checkpoint by ``monitor`` (ties: the earliest step), or None if none ranks.
+
+        Raises:
+            ValueError: the store was made without a ``monitor``.
+        """
+        return self._best(self.records())
+
+    def _best(self, records: list[CheckpointRecord]) -> CheckpointRecord | None:
+        if self.monitor is None:
+            raise ValueError(
+                f"{self.root}: this store has no monitor, so it has no best checkpoint; "
+                "open it with CheckpointStore(root, monitor=..., mode=...)"
+            )
+        ranked = self.retention.best(records)
+        return ranked[0] if ranked else None
+
+    def record(self, step: StepSelector = None) -> CheckpointRecord:
+        """The record of ``step`` (None or "latest": the newest; "best": the best)."""
+        return self._select(self.records(), step)
+
+    def load(
+        self, step: StepSelector = None, *, verify: bool = True, fallback: bool = False
+    ) -> Any:
+        """Load a checkpoint's state tree; see :meth:`load_checkpoint`."""
+        return self.load_checkpoint(step, verify=verify, fallback=fallback).state
+
+    def load_checkpoint(
+        self, step: StepSelector = None, *, verify: bool = True, fallback: bool = False
+    ) -> Checkpoint:
+        """Load a checkpoint: its record and its state tree, exactly as saved.
+
+        Args:
+            step: an int step, None or "latest" for the newest, "best" for the best by monitor.
+            verify: check every file's checksum against the manifest (sizes are always checked).
+            fallback: if the chosen checkpoint is corrupt, warn (``FallbackWarning``) and try
+                the next older one (for "best": the next best), until one verifies.
+
+        Raises:
+            CheckpointNotFoundError: no such step (the message lists the steps there are).
+            CorruptCheckpointError: a file does not match the manifest (and no fallback).
+        """
+        for _ in range(_MAX_ATTEMPTS):
+            records = self.records()
+            chosen = self._select(records, step)
+            try:
+                if not fallback:
+                    return Checkpoint(record=chosen, state=self._read(chosen, verify=verify))
+                return self._load_with_fallback(records, chosen, best=step == "best")
+            except _ChangedWhileReading as e:
+                self._check_still_there(e.record, step)
+        raise CheckpointNotFoundError(
+            f"{self.root}: other processes kept replacing the checkpoint chosen by step={step!r} "
+            f"while it was read ({_MAX_ATTEMPTS} attempts); load again"
+        )
+
+    def _load_with_fallback(
+        self, records: list[CheckpointRecord], chosen: CheckpointRecord, *, best: bool
+    ) -> Checkpoint:
+        if best:
+            candidates = self.retention.best(records)
+        else:
+            candidates = [r for r in reversed(records) if r.step <= chosen.step]
+        errors = []
+        for i, record in enumerate(candidates):
+            try:
+                return Checkpoint(record=record, state=self._read(record, verify=True))
+            except CorruptCheckpointError as e:
+                errors.append(str(e))
+                nxt = f"trying step {candidates[i + 1].step}" if i + 1 < len(candidates) else ""
+                warnings.warn(
+                    FallbackWarning(f"skipping corrupt step {record.step}: {e}; {nxt}"),
+                    stacklevel=4,
+                )
+        raise CorruptCheckpointError(
+            f"{self.root}: no checkpoint verifies among steps {[r.step for r in candidates]}: "
+            + "; ".join(errors)
+        )
+
+    def verify(self, step: StepSelector = None) -> CheckpointRecord:
+        """Check a checkpoint's files against the sizes and checksums in the manifest.
+
+        Raises:
+            CorruptCheckpointError: naming the first file that is missing or differs.
+        """
+        for _ in range(_MAX_ATTEMPTS):
+            record = self._select(self.records(), step)
+            try:
+                self._guard_concurrent(record, verify_files, self.root, record)
+                return record
+            except _ChangedWhileReading as e:
+                self._check_still_there(e.record, step)
+        raise CheckpointNotFoundError(
+            f"{self.root}: other processes kept replacing the checkpoint chosen by step={step!r} "
+            f"while it was verified ({_MAX_ATTEMPTS} attempts); verify again"
+        )
+
+    def _read(self, record: CheckpointRecord, *, verify: bool) -> Any:
+        return self._guard_concurrent(record, read_state, self.root, record, verify=verify)
+
+    def _guard_concurrent(
+        self, record: CheckpointRecord, fn: Callable[..., _T], *args: Any, **kwargs: Any
+    ) -> _T:
+        """Run a read of ``record``; tell a concurrent deletion or overwrite from corruption.
+
+        Files are never changed in place, so a read that finds a file missing or different
+        is either corruption or another process having deleted or replaced the checkpoint
+        since the manifest was read: the manifest, read again, says which.
+        """
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, CorruptCheckpointError) as e:
+            if isinstance(e, StoreFormatError) or not self._changed(record):
+                if isinstance(e, CorruptCheckpointError):
+                    raise
+                raise CorruptCheckpointError(
+                    f"{e.filename or self.root / record.directory}: listed in the manifest for "
+                    f"step {record.step} but missing; load another step, or pass fallback=True "
+                    "to load the newest checkpoint that verifies"
+                ) from None
+            raise _ChangedWhileReading(record) from None
+
+    def _changed(self, record: CheckpointRecord) -> bool:
+        current = next((r for r in self.records() if r.step == record.step), None)
+        return current is None or (current.directory, current.files) != (
+            record.directory,
+            record.files,
+        )
+
+    def _check_still_there(self, record: CheckpointRecord, step: StepSelector) -> None:
+        """After a concurrent change, raise if the int ``step`` asked for is gone."""
+        if isinstance(step, int) and step not in self:
+            raise CheckpointNotFoundError(
+                f"{self.root}: step {record.step} was deleted by another process (retention or "
+                "prune) while it was being read; load another step"
+            )
+
+    def _select(self, records: list[CheckpointRecord], step: StepSelector) -> CheckpointRecord:
+        if not records:
+            raise CheckpointNotFoundError(f"{self.root}: the store has no checkpoints yet")
+        if step is None or step == "latest":
+            return records[-1]
+        if step == "best":
+            best = self._best(records)
+            if best is None:
+                raise CheckpointNotFoundError(
+                    f"{self.root}: no checkpoint has a finite {self.monitor!r} metric, so none is best"
+                )
+            return best
+        if isinstance(step, str):
+            raise ValueError(f"step must be an int, None, 'latest' or 'best', got {step!r}")
+        step = check_step(step)
+        for r in records:
+            if r.step == step:
+                return r
+        steps = [r.step for r in records]
+        shown = (
+            ", ".join(map(str, steps))
+            if len(steps) <= 12
+            else (", ".join(map(str, steps[:5])) + ", ..., " + ", ".join(map(str, steps[-5:])))
+        )
+        raise CheckpointNotFoundError(
+            f"{self.root}: no checkpoint for step {step}; the store has steps [{shown}]"
+        )

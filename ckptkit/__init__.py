@@ -5,6 +5,7 @@ The core imports no deep-learning framework; adapters live in ``ckptkit.adapters
 
 from __future__ import annotations
 
+from ckptkit._async import PendingSave
 from ckptkit._checkpointer import Checkpointer, Stateful
 from ckptkit._errors import (
     CheckpointExistsError,
@@ -42,6 +43,7 @@ __all__ = [
     "FileEntry",
     "LockTimeoutError",
     "MissingMetricError",
+    "PendingSave",
     "RetentionPlan",
     "RetentionPolicy",
     "Stateful",

@@ -21,16 +21,20 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import filelock
+import numpy as np
 
+from ckptkit import _async
+from ckptkit._async import PendingSave
 from ckptkit._commit import commit_manifest, delete_checkpoints, sweep, write_directory
 from ckptkit._errors import (
     CheckpointExistsError,
@@ -57,6 +61,19 @@ class _Unread:
 
 
 _UNREAD = _Unread()
+
+
+@dataclass(kw_only=True)
+class _SaveJob:
+    """A checked, encoded save, ready for the commit protocol."""
+
+    step: int
+    metrics: dict[str, float]
+    metadata: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    state_bytes: bytes
+    overwrite: bool
+    protected: frozenset[int]
 
 
 class CheckpointStore(StoreReader):
@@ -116,6 +133,9 @@ class CheckpointStore(StoreReader):
         self._lock = filelock.FileLock(self.root / LOCK_NAME, timeout=self.lock_timeout)
         # A count per step, so protections from different reasons nest.
         self._protected: Counter[int] = Counter()
+        self._buffers = _async.BufferPool()
+        self._pending: PendingSave | None = None
+        self._thread: threading.Thread | None = None
         self._sweep()
 
     def __repr__(self) -> str:
@@ -145,6 +165,83 @@ class CheckpointStore(StoreReader):
             StoreWriteError: the disk failed (e.g. ENOSPC, a read-only file system); the
                 message says whether the step was committed. If not, the store is unchanged.
         """
+        self.wait()
+        return self._commit(self._prepare(step, state, metrics, metadata, overwrite=overwrite))
+
+    def save_async(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> PendingSave:
+        """Copy ``state`` into reused host buffers and commit it in a background thread.
+
+        Returns as soon as the copy is made, so the state may change right after the call.
+        The buffers are kept for the next save (one per tensor name, shape and dtype). At most
+        one save is in flight: this first waits for the previous one. The commit is the same as
+        :meth:`save`'s; its error is raised by ``PendingSave.result()`` or, if nobody asked,
+        by the next ``save``, ``save_async``, ``wait``, ``close``, ``prune``, ``pin`` or
+        ``unpin``. A save still in flight at interpreter exit is finished first.
+
+        Raises:
+            Exception: the previous background save's error; the same errors as :meth:`save`
+                for a state that cannot be saved (raised here, before any copy is made).
+
+        Example:
+            >>> pending = store.save_async(step, {"w": weights})
+            >>> weights += 1  # the checkpoint holds the values from before this line
+            >>> pending.result().step == step
+            True
+        """
+        self.wait()
+        job = self._prepare(step, state, metrics, metadata, overwrite=overwrite)
+        job.arrays = self._buffers.snapshot(job.arrays)
+        pending = PendingSave(job.step)
+        self._pending = pending
+        self._thread = _async.start(pending, lambda: self._commit(job))
+        return pending
+
+    def wait(self) -> CheckpointRecord | None:
+        """Wait for the background save in flight, if any; raise its error if it failed.
+
+        Returns the record it committed, or None when no save was in flight.
+        """
+        pending, thread = self._pending, self._thread
+        if pending is None:
+            return None
+        if thread is not None:
+            thread.join()
+        self._pending = self._thread = None
+        if pending._error is not None and pending._reported:
+            return None
+        return pending.result()
+
+    def close(self) -> None:
+        """Finish the save in flight (raising its error) and release the reused buffers."""
+        try:
+            self.wait()
+        finally:
+            self._buffers.clear()
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _prepare(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        *,
+        overwrite: bool,
+    ) -> _SaveJob:
+        """Check and encode everything about a save that does not touch the disk."""
         step = check_step(step)
         metric_values = check_metrics(metrics, step=step)
         meta = self._check_metadata(metadata, step)
@@ -157,29 +254,41 @@ class CheckpointStore(StoreReader):
                 f"JSON, over the {MAX_STATE_JSON_BYTES}-byte cap of state.json; store large "
                 "numeric lists as numpy arrays"
             )
+        return _SaveJob(
+            step=step,
+            metrics=metric_values,
+            metadata=meta,
+            arrays=arrays,
+            state_bytes=state_bytes,
+            overwrite=overwrite,
+            # The step being written is kept even when it is not the newest (a re-run of an
+            # earlier step): a save never returns a record of a checkpoint it already deleted.
+            protected=frozenset({*self._protected, step}),
+        )
+
+    def _commit(self, job: _SaveJob) -> CheckpointRecord:
+        """The commit protocol, under the lock (see the module docstring)."""
+        step = job.step
         with self._writing(f"saving step {step}"):
             records = self.records()
             old = next((r for r in records if r.step == step), None)
-            if old is not None and not overwrite:
+            if old is not None and not job.overwrite:
                 raise CheckpointExistsError(
                     f"{self.root}: step {step} is already committed ({old.directory}); pass "
                     "overwrite=True to replace it atomically, or save under another step"
                 )
-            directory, files = write_directory(self.root, step, arrays, state_bytes)
+            directory, files = write_directory(self.root, step, job.arrays, job.state_bytes)
             record = CheckpointRecord(
                 step=step,
-                metrics=metric_values,
-                metadata=meta,
+                metrics=job.metrics,
+                metadata=job.metadata,
                 created=time.time(),
                 directory=directory,
                 files=files,
                 pinned=old.pinned if old is not None else False,
             )
             candidates = [r for r in records if r.step != step] + [record]
-            # The step just written is kept even when it is not the newest (a re-run of an
-            # earlier step): a save never returns a record of a checkpoint it already deleted.
-            protected = {*self._protected, step}
-            plan = self.retention.select(candidates, protected=protected)
+            plan = self.retention.select(candidates, protected=job.protected)
             kept = [r for r in candidates if r.step in plan.keep]
             commit_manifest(self.root, kept, new_directory=directory)
             dropped = [r for r in candidates if r.step not in plan.keep]
@@ -209,6 +318,7 @@ class CheckpointStore(StoreReader):
         return self._set_pinned(step, False)
 
     def _set_pinned(self, step: int, pinned: bool) -> CheckpointRecord:
+        self.wait()
         with self._writing(f"{'pinning' if pinned else 'unpinning'} step {step}"):
             records = self.records()
             target = self._select(records, check_step(step))
@@ -233,6 +343,7 @@ class CheckpointStore(StoreReader):
 
     def prune(self, *, dry_run: bool = False) -> RetentionPlan:
         """Apply retention now (it otherwise runs after each save); return what it decided."""
+        self.wait()
         with self._writing("pruning"):
             records = self.records()
             plan = self.retention.select(records, protected=self._protected)

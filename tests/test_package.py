@@ -31,6 +31,7 @@ def test_exported_names_are_pinned() -> None:
         "FileEntry",
         "LockTimeoutError",
         "MissingMetricError",
+        "PendingSave",
         "RetentionPlan",
         "RetentionPolicy",
         "Stateful",

@@ -1,0 +1,191 @@
+"""save_async: the state is copied before it returns, committed in the background, one at a time."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ckptkit import CheckpointExistsError, CheckpointStore, StoreWriteError
+from ckptkit._async import PendingSave
+
+
+def test_the_checkpoint_holds_the_state_as_it_was_when_save_async_returned(tmp_path: Path) -> None:
+    """Changing the arrays right after save_async returns does not change what is committed."""
+    store = CheckpointStore(tmp_path)
+    w = np.arange(1000, dtype=np.float32)
+    pending = store.save_async(0, {"w": w, "n": 3}, metrics={"loss": 1.0})
+    w += 100
+    record = pending.result()
+    assert record.step == 0 and pending.done()
+    loaded = store.load(0)
+    np.testing.assert_array_equal(loaded["w"], np.arange(1000, dtype=np.float32))
+    assert loaded["n"] == 3
+    assert store.records() == [record]
+
+
+def test_buffers_are_reused_across_saves_of_the_same_shapes(tmp_path: Path) -> None:
+    """A second save of the same shapes copies into the same buffers; a new shape gets a new one."""
+    store = CheckpointStore(tmp_path)
+    state = {"a": np.zeros(10), "b": np.ones((2, 3), dtype=np.int8)}
+    store.save_async(0, state).result()
+    first = {k: v.ctypes.data for k, v in store._buffers._buffers.items()}
+    store.save_async(1, state).result()
+    assert {k: v.ctypes.data for k, v in store._buffers._buffers.items()} == first
+    store.save_async(2, {"a": np.zeros(11)}).result()
+    assert list(store._buffers._buffers) == [("a", (11,), "<f8")]
+    for step, expected in ((0, 0.0), (1, 0.0)):
+        assert store.load(step)["b"].tolist() == [[1, 1, 1], [1, 1, 1]]
+        assert store.load(step)["a"][0] == expected
+
+
+def test_one_save_in_flight_the_next_waits_for_it(tmp_path: Path, monkeypatch: Any) -> None:
+    """A second save_async does not start writing until the first one has committed."""
+    import ckptkit._store as store_module
+
+    store = CheckpointStore(tmp_path)
+    release = threading.Event()
+    order: list[str] = []
+    real = store_module.write_directory
+
+    def gated(root: Path, step: int, *args: Any) -> Any:
+        order.append(f"start {step}")
+        if step == 0:
+            release.wait()
+        result = real(root, step, *args)
+        order.append(f"end {step}")
+        return result
+
+    monkeypatch.setattr(store_module, "write_directory", gated)
+    first = store.save_async(0, {"w": np.zeros(3)})
+    waiter = threading.Thread(target=lambda: store.save_async(1, {"w": np.ones(3)}))
+    waiter.start()
+    assert not first.done()
+    release.set()
+    waiter.join()
+    store.wait()
+    assert order == ["start 0", "end 0", "start 1", "end 1"]
+    assert [r.step for r in store.records()] == [0, 1]
+
+
+def test_a_failed_background_save_is_raised_by_the_next_call(tmp_path: Path) -> None:
+    """An error in the background is raised once, by the next save, and the store is unchanged."""
+    store = CheckpointStore(tmp_path)
+    store.save(0, {"w": np.zeros(3)})
+    pending = store.save_async(0, {"w": np.ones(3)})  # step 0 exists: the commit refuses
+    with pytest.raises(CheckpointExistsError, match="step 0 is already committed"):
+        store.save_async(1, {"w": np.ones(3)})
+    assert pending.done()
+    assert [r.step for r in store.records()] == [0]
+    assert store.load(0)["w"].tolist() == [0.0, 0.0, 0.0]
+    store.save_async(1, {"w": np.ones(3)}).result()  # raised once, then the store goes on
+    assert [r.step for r in store.records()] == [0, 1]
+
+
+@pytest.mark.parametrize("call", ["wait", "close", "save", "prune", "pin"])
+def test_each_waiting_call_raises_the_background_error(tmp_path: Path, call: str) -> None:
+    """wait, close, save, prune and pin all raise the error of a background save nobody collected."""
+    store = CheckpointStore(tmp_path)
+    store.save(0, {"w": np.zeros(3)})
+    store.save_async(0, {"w": np.ones(3)})
+    with pytest.raises(CheckpointExistsError):
+        if call == "save":
+            store.save(1, {"w": np.ones(3)})
+        elif call == "pin":
+            store.pin(0)
+        else:
+            getattr(store, call)()
+    assert store.wait() is None
+
+
+def test_an_error_collected_by_result_is_not_raised_again(tmp_path: Path) -> None:
+    """Once PendingSave.result() has raised the error, the next save does not raise it again."""
+    store = CheckpointStore(tmp_path)
+    store.save(0, {"w": np.zeros(3)})
+    pending = store.save_async(0, {"w": np.ones(3)})
+    with pytest.raises(CheckpointExistsError):
+        pending.result()
+    assert store.save(1, {"w": np.ones(3)}).step == 1
+
+
+def test_disk_errors_in_the_background_are_store_write_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC during a background commit surfaces as StoreWriteError and leaves the store intact."""
+    store = CheckpointStore(tmp_path)
+    store.save(0, {"w": np.zeros(3)})
+    before = (tmp_path / "manifest.json").read_bytes()
+    real_write = os.write
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    pending = store.save_async(1, {"w": np.ones(3)})
+    with pytest.raises(StoreWriteError, match="No space left on device") as e:
+        pending.result()
+    monkeypatch.setattr(os, "write", real_write)
+    assert e.value.errno == errno.ENOSPC
+    assert (tmp_path / "manifest.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckptkit-tmp-")]
+
+
+def test_a_state_that_cannot_be_saved_is_refused_before_returning(tmp_path: Path) -> None:
+    """Unsupported leaves raise from save_async itself; nothing goes to the background."""
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(TypeError, match="set"):
+        store.save_async(0, {"s": {1, 2}})
+    assert store._pending is None and store.records() == []
+
+
+def test_result_with_a_timeout_raises_while_in_flight(tmp_path: Path, monkeypatch: Any) -> None:
+    """PendingSave.result(timeout) raises TimeoutError while the commit is still running."""
+    import ckptkit._store as store_module
+
+    store = CheckpointStore(tmp_path)
+    release = threading.Event()
+    real = store_module.write_directory
+
+    def gated(*args: Any) -> Any:
+        release.wait()
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "write_directory", gated)
+    pending = store.save_async(0, {"w": np.zeros(3)})
+    with pytest.raises(TimeoutError, match="step 0 is still in flight"):
+        pending.result(timeout=0.01)
+    assert "in flight" in repr(pending)
+    release.set()
+    assert pending.result().step == 0
+    assert isinstance(pending, PendingSave) and "done" in repr(pending)
+
+
+def test_a_pending_save_is_finished_at_interpreter_exit(tmp_path: Path) -> None:
+    """A script that exits right after save_async still commits the checkpoint."""
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from ckptkit import CheckpointStore
+        store = CheckpointStore({str(tmp_path)!r})
+        store.save_async(7, {{"w": np.arange(1 << 20, dtype=np.float64)}})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    loaded = CheckpointStore(tmp_path).load(7)
+    np.testing.assert_array_equal(loaded["w"], np.arange(1 << 20, dtype=np.float64))
+
+
+def test_the_store_is_a_context_manager_that_finishes_the_save(tmp_path: Path) -> None:
+    """Leaving a with block waits for the save in flight and frees the buffers."""
+    with CheckpointStore(tmp_path) as store:
+        store.save_async(0, {"w": np.zeros(1000)})
+    assert store._pending is None and store._buffers.nbytes == 0
+    assert [r.step for r in CheckpointStore(tmp_path).records()] == [0]

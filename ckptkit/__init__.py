@@ -17,11 +17,12 @@ from ckptkit._errors import (
     MissingMetricError,
     StoreFormatError,
     StoreWriteError,
+    TensorNotFoundError,
     UnsupportedStateError,
 )
 from ckptkit._modes import AUTO_MODES
 from ckptkit._policy import ConfigChangedWarning, Decision, StoppingPolicy
-from ckptkit._record import CheckpointRecord, FileEntry
+from ckptkit._record import CheckpointRecord, FileEntry, TensorInfo
 from ckptkit._retention import RetentionPlan, RetentionPolicy
 from ckptkit._store import Checkpoint, CheckpointStore, FallbackWarning
 from ckptkit._version import __version__
@@ -50,6 +51,8 @@ __all__ = [
     "StoppingPolicy",
     "StoreFormatError",
     "StoreWriteError",
+    "TensorInfo",
+    "TensorNotFoundError",
     "UnsupportedStateError",
     "__version__",
 ]

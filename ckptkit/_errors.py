@@ -36,6 +36,13 @@ class MissingMetricError(CkptkitError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class TensorNotFoundError(CkptkitError, KeyError):
+    """A tensor asked for by name is not in the checkpoint."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class ConfigMismatchError(CkptkitError, ValueError):
     """Saved state was made under a configuration that differs from the current one."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import mmap
 import os
 import secrets
 import stat
@@ -245,6 +246,45 @@ def read_verified(name: str, *, dir_fd: int, size: int, checksum: str | None) ->
         h.update(buf)
         if f"{algorithm}:{h.hexdigest()}" != checksum:
             raise ValueError("checksum does not match the manifest (the file's bytes changed)")
+    return buf
+
+
+def map_verified(name: str, *, dir_fd: int, size: int, checksum: str | None) -> memoryview:
+    """Memory-map a whole file read-only, checking its size and (if given) its checksum.
+
+    The returned view keeps the map alive; arrays parsed from it are read-only and share the
+    page cache instead of holding a private copy. The store never writes a committed file in
+    place, so the map keeps the bytes it was made with even if the checkpoint is deleted.
+    """
+    fd = open_regular(name, dir_fd=dir_fd)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise ValueError(f"size is {actual} bytes, the manifest says {size}")
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else b""
+    finally:
+        os.close(fd)
+    view = memoryview(mapped)
+    if checksum is not None:
+        algorithm, _, _ = checksum.partition(":")
+        h = hashlib.new(algorithm)
+        for start in range(0, size, 8 << 20):
+            h.update(view[start : start + (8 << 20)])
+        if f"{algorithm}:{h.hexdigest()}" != checksum:
+            raise ValueError("checksum does not match the manifest (the file's bytes changed)")
+    return view
+
+
+def pread_exactly(fd: int, size: int, offset: int) -> bytearray:
+    """Read ``size`` bytes at ``offset`` into a fresh buffer (several reads if need be)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got : got + _MAX_WRITE]], offset + got)
+        if not n:
+            raise ValueError(f"file ended {got} bytes into a {size}-byte read at byte {offset}")
+        got += n
     return buf
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ckptkit import _fsio
-from ckptkit._errors import CorruptCheckpointError
+from ckptkit._errors import CorruptCheckpointError, TensorNotFoundError
 from ckptkit._record import CheckpointRecord
-from ckptkit._safetensors import parse_safetensors
+from ckptkit._safetensors import TensorSlot, parse_safetensors, read_layout, tensor_from_bytes
 from ckptkit._tree import unflatten_state
 
 STATE_FORMAT_VERSION = 1
@@ -41,11 +44,13 @@ def _open_directory(root: Path, record: CheckpointRecord) -> int:
         raise _corrupt(path, e, record.step) from None
 
 
-def read_state(root: Path, record: CheckpointRecord, *, verify: bool) -> Any:
+def read_state(root: Path, record: CheckpointRecord, *, verify: bool, mmap: bool = False) -> Any:
     """Read, check and decode one checkpoint's files.
 
     Sizes are always checked against the manifest and checksums when ``verify`` is true. Each
-    file is read once into a buffer that the arrays then view, so the state costs one copy.
+    file is read once into a buffer that the arrays then view, so the state costs one copy;
+    with ``mmap`` the arrays are read-only views of a memory map of the file instead (no
+    private copy; pages are read as they are touched, or all at once to verify the checksum).
 
     Raises:
         CorruptCheckpointError: a file differs from the manifest, is a link or a special
@@ -71,8 +76,11 @@ def read_state(root: Path, record: CheckpointRecord, *, verify: bool) -> Any:
     try:
         for name in ("arrays.safetensors", "state.json"):
             entry = entries[name]
+            read = (
+                _fsio.map_verified if mmap and name == "arrays.safetensors" else _fsio.read_verified
+            )
             try:
-                buffers[name] = _fsio.read_verified(
+                buffers[name] = read(
                     name,
                     dir_fd=dir_fd,
                     size=entry.size,
@@ -99,6 +107,77 @@ def read_state(root: Path, record: CheckpointRecord, *, verify: bool) -> Any:
         buffers["arrays.safetensors"], source=str(directory / "arrays.safetensors")
     )
     return unflatten_state(doc["tree"], arrays, source=str(state_path))
+
+
+def read_tensors(
+    root: Path, record: CheckpointRecord, keys: Iterable[str] | None, *, verify: bool
+) -> dict[str, np.ndarray]:
+    """Read only the named tensors of a checkpoint: its header, then one read per tensor.
+
+    With ``verify`` the whole file is hashed first (streamed, not kept in memory).
+
+    Raises:
+        TensorNotFoundError: a key is not a tensor of this checkpoint (the message lists some).
+        CorruptCheckpointError: as :func:`read_state`.
+    """
+    if verify:
+        verify_files(root, record)
+    directory = root / record.directory
+    path = directory / "arrays.safetensors"
+    entry = next((f for f in record.files if f.name == "arrays.safetensors"), None)
+    if entry is None:
+        raise _corrupt(path, "the manifest lists no arrays.safetensors", record.step)
+    dir_fd = _open_directory(root, record)
+    try:
+        try:
+            fd = _fsio.open_regular("arrays.safetensors", dir_fd=dir_fd)
+        except _fsio.UnsafeFileError as e:
+            raise _corrupt(path, e, record.step) from None
+    finally:
+        os.close(dir_fd)
+    try:
+        size = os.fstat(fd).st_size
+        if size != entry.size:
+            raise _corrupt(
+                path, f"size is {size} bytes, the manifest says {entry.size}", record.step
+            )
+        slots, data_start = read_layout(fd, size, source=str(path))
+        by_name = {slot[0]: slot for slot in slots}
+        wanted = list(by_name) if keys is None else list(keys)
+        missing = [k for k in wanted if k not in by_name]
+        if missing:
+            names = sorted(by_name)
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            raise TensorNotFoundError(
+                f"{path}: step {record.step} has no tensor {missing[0]!r}; it has [{shown}] "
+                "(tensor names are key paths joined with '.')"
+            )
+        out = {}
+        for key in wanted:
+            _, code, shape, begin, end = by_name[key]
+            buf = _fsio.pread_exactly(fd, end - begin, data_start + begin)
+            out[key] = tensor_from_bytes(buf, code, shape)
+        return out
+    finally:
+        os.close(fd)
+
+
+def read_layout_of(root: Path, record: CheckpointRecord) -> list[TensorSlot]:
+    """The tensor slots of a checkpoint's arrays file, from its header alone."""
+    directory = root / record.directory
+    path = directory / "arrays.safetensors"
+    dir_fd = _open_directory(root, record)
+    try:
+        try:
+            fd = _fsio.open_regular("arrays.safetensors", dir_fd=dir_fd)
+        except _fsio.UnsafeFileError as e:
+            raise _corrupt(path, e, record.step) from None
+    finally:
+        os.close(dir_fd)
+    try:
+        return read_layout(fd, os.fstat(fd).st_size, source=str(path))[0]
+    finally:
+        os.close(fd)
 
 
 def verify_files(root: Path, record: CheckpointRecord) -> None:

@@ -61,3 +61,20 @@ class CheckpointRecord:
             return None
         value = float(value)
         return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorInfo:
+    """One tensor of a checkpoint, as its header describes it.
+
+    Attributes:
+        name: the tensor's name (the state's key path joined with ``.``).
+        dtype: the safetensors dtype code, e.g. ``"F32"`` or ``"BF16"``.
+        shape: the tensor's shape.
+        nbytes: its size in bytes.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import sys
 from collections.abc import Mapping
@@ -224,21 +225,27 @@ def _read_header(buf: memoryview, source: str) -> tuple[dict[str, object], int]:
     if buf.nbytes < 8:
         raise _corrupt(source, f"truncated: {buf.nbytes} bytes, shorter than the 8-byte length")
     (n,) = struct.unpack("<Q", buf[:8])
+    _check_header_length(n, buf.nbytes, source)
+    return _decode_header(bytes(buf[8 : 8 + n]), source), 8 + n
+
+
+def _check_header_length(n: int, file_size: int, source: str) -> None:
     if n > MAX_HEADER_BYTES:
         raise _corrupt(source, f"header length {n} is over the {MAX_HEADER_BYTES}-byte cap")
-    if 8 + n > buf.nbytes:
-        raise _corrupt(source, f"header length {n} runs past the end of the {buf.nbytes}-byte file")
+    if 8 + n > file_size:
+        raise _corrupt(source, f"header length {n} runs past the end of the {file_size}-byte file")
+
+
+def _decode_header(raw: bytes, source: str) -> dict[str, object]:
     try:
         header = json.loads(
-            bytes(buf[8 : 8 + n]).decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
+            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
         )
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
         raise _corrupt(source, f"header is not valid UTF-8 JSON ({e})") from e
     if not isinstance(header, dict):
         raise _corrupt(source, f"header is a JSON {type(header).__name__}, not an object")
-    return header, 8 + n
+    return header
 
 
 def _tensor_info(
@@ -277,6 +284,64 @@ def _tensor_info(
     return code, tuple(shape), begin, end
 
 
+#: One tensor's place in a file: name, dtype code, shape, begin and end in the data area.
+TensorSlot = tuple[str, str, tuple[int, ...], int, int]
+
+
+def _layout(
+    header: dict[str, object], data_size: int, source: str
+) -> tuple[list[TensorSlot], dict[str, str]]:
+    """Check a parsed header against a data area of ``data_size`` bytes; return the slots."""
+    metadata: dict[str, str] = {}
+    raw_metadata = header.pop(_METADATA_KEY, None)
+    if raw_metadata is not None:
+        if not isinstance(raw_metadata, dict) or not all(
+            isinstance(v, str) for v in raw_metadata.values()
+        ):
+            raise _corrupt(source, f"{_METADATA_KEY} is not an object of str to str")
+        metadata = raw_metadata
+
+    infos = [(name, *_tensor_info(name, info, data_size, source)) for name, info in header.items()]
+    infos.sort(key=lambda info: (info[3], info[4], info[0]))
+    covered, previous = 0, "the start of the data area"
+    for name, _, _, begin, end in infos:
+        if begin < covered:
+            raise _corrupt(source, f"tensor {name!r} at byte {begin} overlaps {previous}")
+        if begin > covered:
+            raise _corrupt(source, f"gap of {begin - covered} unused bytes before tensor {name!r}")
+        covered, previous = end, f"tensor {name!r}"
+    if covered != data_size:
+        raise _corrupt(
+            source, f"{data_size - covered} trailing bytes after {previous}, no tensor holds them"
+        )
+    return infos, metadata
+
+
+def read_layout(fd: int, file_size: int, *, source: str) -> tuple[list[TensorSlot], int]:
+    """Read and check only the header of the safetensors file open as ``fd``.
+
+    Returns the tensor slots (offsets relative to the data area) and where the data area
+    starts, so single tensors can be read with positioned reads. Raises as
+    :func:`parse_safetensors` does.
+    """
+    if file_size < 8:
+        raise _corrupt(source, f"truncated: {file_size} bytes, shorter than the 8-byte length")
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    _check_header_length(n, file_size, source)
+    raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise _corrupt(source, f"file ended inside the {n}-byte header")
+    infos, _ = _layout(_decode_header(raw, source), file_size - 8 - n, source)
+    return infos, 8 + n
+
+
+def tensor_from_bytes(
+    buf: bytes | bytearray | memoryview, code: str, shape: tuple[int, ...]
+) -> np.ndarray:
+    """View ``buf`` (exactly one tensor's bytes) as the tensor's little-endian array."""
+    return np.frombuffer(buf, dtype=numpy_dtype(code).newbyteorder("<")).reshape(shape)
+
+
 def parse_safetensors(
     buf: bytes | bytearray | memoryview, *, source: str
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -312,31 +377,7 @@ def parse_safetensors(
     """
     view = memoryview(buf).cast("B")
     header, data_start = _read_header(view, source)
-    data_size = view.nbytes - data_start
-
-    metadata: dict[str, str] = {}
-    raw_metadata = header.pop(_METADATA_KEY, None)
-    if raw_metadata is not None:
-        if not isinstance(raw_metadata, dict) or not all(
-            isinstance(v, str) for v in raw_metadata.values()
-        ):
-            raise _corrupt(source, f"{_METADATA_KEY} is not an object of str to str")
-        metadata = raw_metadata
-
-    infos = [(name, *_tensor_info(name, info, data_size, source)) for name, info in header.items()]
-    infos.sort(key=lambda info: (info[3], info[4], info[0]))
-    covered, previous = 0, "the start of the data area"
-    for name, _, _, begin, end in infos:
-        if begin < covered:
-            raise _corrupt(source, f"tensor {name!r} at byte {begin} overlaps {previous}")
-        if begin > covered:
-            raise _corrupt(source, f"gap of {begin - covered} unused bytes before tensor {name!r}")
-        covered, previous = end, f"tensor {name!r}"
-    if covered != data_size:
-        raise _corrupt(
-            source, f"{data_size - covered} trailing bytes after {previous}, no tensor holds them"
-        )
-
+    infos, metadata = _layout(header, view.nbytes - data_start, source)
     arrays: dict[str, np.ndarray] = {}
     for name, code, shape, begin, end in infos:
         dtype = numpy_dtype(code).newbyteorder("<")

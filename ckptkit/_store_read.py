@@ -10,17 +10,19 @@ another process's change (read again, or a clear error for a step that is gone).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+import numpy as np
 
 from ckptkit import _fsio, _manifest
 from ckptkit._errors import CheckpointNotFoundError, CorruptCheckpointError, StoreFormatError
 from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode
-from ckptkit._reader import read_state, verify_files
-from ckptkit._record import CheckpointRecord
+from ckptkit._reader import read_layout_of, read_state, read_tensors, verify_files
+from ckptkit._record import CheckpointRecord, TensorInfo
 from ckptkit._retention import RetentionPolicy
 from ckptkit._validate import check_step
 
@@ -118,42 +120,94 @@ class StoreReader:
         return self._select(self.records(), step)
 
     def load(
-        self, step: StepSelector = None, *, verify: bool = True, fallback: bool = False
+        self,
+        step: StepSelector = None,
+        *,
+        verify: bool = True,
+        fallback: bool = False,
+        mmap: bool = False,
     ) -> Any:
         """Load a checkpoint's state tree; see :meth:`load_checkpoint`."""
-        return self.load_checkpoint(step, verify=verify, fallback=fallback).state
+        return self.load_checkpoint(step, verify=verify, fallback=fallback, mmap=mmap).state
 
     def load_checkpoint(
-        self, step: StepSelector = None, *, verify: bool = True, fallback: bool = False
+        self,
+        step: StepSelector = None,
+        *,
+        verify: bool = True,
+        fallback: bool = False,
+        mmap: bool = False,
     ) -> Checkpoint:
         """Load a checkpoint: its record and its state tree, exactly as saved.
+
+        Safe while other processes save, prune or delete: a checkpoint deleted or replaced
+        while it is read is read again from the new manifest (for an int step that is gone,
+        ``CheckpointNotFoundError``).
 
         Args:
             step: an int step, None or "latest" for the newest, "best" for the best by monitor.
             verify: check every file's checksum against the manifest (sizes are always checked).
             fallback: if the chosen checkpoint is corrupt, warn (``FallbackWarning``) and try
                 the next older one (for "best": the next best), until one verifies.
+            mmap: return the arrays as read-only views of a memory map of the arrays file
+                instead of a private copy (the page cache holds the only copy).
 
         Raises:
             CheckpointNotFoundError: no such step (the message lists the steps there are).
             CorruptCheckpointError: a file does not match the manifest (and no fallback).
         """
+        if not fallback:
+            return self._retrying(
+                step,
+                "loaded",
+                lambda r: Checkpoint(record=r, state=self._read(r, verify=verify, mmap=mmap)),
+            )
         for _ in range(_MAX_ATTEMPTS):
             records = self.records()
             chosen = self._select(records, step)
             try:
-                if not fallback:
-                    return Checkpoint(record=chosen, state=self._read(chosen, verify=verify))
-                return self._load_with_fallback(records, chosen, best=step == "best")
+                return self._load_with_fallback(records, chosen, best=step == "best", mmap=mmap)
             except _ChangedWhileReading as e:
                 self._check_still_there(e.record, step)
-        raise CheckpointNotFoundError(
-            f"{self.root}: other processes kept replacing the checkpoint chosen by step={step!r} "
-            f"while it was read ({_MAX_ATTEMPTS} attempts); load again"
+        raise self._kept_changing(step, "loaded")
+
+    def read_arrays(
+        self, step: StepSelector = None, keys: Iterable[str] | None = None, *, verify: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Read only some tensors of a checkpoint, without reading the rest of its file.
+
+        Tensor names are the state's key paths joined with ``.`` (``"model.layer.weight"``);
+        :meth:`tensor_info` lists them. The header is checked as strictly as by :meth:`load`,
+        and each tensor costs one positioned read of its own bytes. Checksums cover whole
+        files, so ``verify=True`` hashes the whole file first (streamed, not held in memory).
+
+        Raises:
+            TensorNotFoundError: a key is not a tensor of the checkpoint.
+            CheckpointNotFoundError, CorruptCheckpointError: as for :meth:`load`.
+
+        Example:
+            >>> store.read_arrays("latest", ["model.head.weight"])["model.head.weight"].shape
+            (10, 512)
+        """
+        wanted = None if keys is None else ([keys] if isinstance(keys, str) else list(keys))
+        return self._retrying(
+            step,
+            "read",
+            lambda r: self._guard_concurrent(r, read_tensors, self.root, r, wanted, verify=verify),
         )
 
+    def tensor_info(self, step: StepSelector = None) -> dict[str, TensorInfo]:
+        """Name, dtype, shape and size of every tensor of a checkpoint, from its header alone."""
+        slots = self._retrying(
+            step, "read", lambda r: self._guard_concurrent(r, read_layout_of, self.root, r)
+        )
+        return {
+            name: TensorInfo(name=name, dtype=code, shape=shape, nbytes=end - begin)
+            for name, code, shape, begin, end in sorted(slots)
+        }
+
     def _load_with_fallback(
-        self, records: list[CheckpointRecord], chosen: CheckpointRecord, *, best: bool
+        self, records: list[CheckpointRecord], chosen: CheckpointRecord, *, best: bool, mmap: bool
     ) -> Checkpoint:
         if best:
             candidates = self.retention.best(records)
@@ -162,7 +216,7 @@ class StoreReader:
         errors = []
         for i, record in enumerate(candidates):
             try:
-                return Checkpoint(record=record, state=self._read(record, verify=True))
+                return Checkpoint(record=record, state=self._read(record, verify=True, mmap=mmap))
             except CorruptCheckpointError as e:
                 errors.append(str(e))
                 nxt = f"trying step {candidates[i + 1].step}" if i + 1 < len(candidates) else ""
@@ -181,20 +235,41 @@ class StoreReader:
         Raises:
             CorruptCheckpointError: naming the first file that is missing or differs.
         """
+
+        def check(record: CheckpointRecord) -> CheckpointRecord:
+            self._guard_concurrent(record, verify_files, self.root, record)
+            return record
+
+        return self._retrying(step, "verified", check)
+
+    def _retrying(
+        self, step: StepSelector, what: str, read: Callable[[CheckpointRecord], _T]
+    ) -> _T:
+        """Choose the checkpoint from a fresh manifest and read it, again if it changes meanwhile."""
         for _ in range(_MAX_ATTEMPTS):
             record = self._select(self.records(), step)
             try:
-                self._guard_concurrent(record, verify_files, self.root, record)
-                return record
+                return read(record)
             except _ChangedWhileReading as e:
                 self._check_still_there(e.record, step)
-        raise CheckpointNotFoundError(
+        raise self._kept_changing(step, what)
+
+    def _kept_changing(self, step: StepSelector, what: str) -> CheckpointNotFoundError:
+        return CheckpointNotFoundError(
             f"{self.root}: other processes kept replacing the checkpoint chosen by step={step!r} "
-            f"while it was verified ({_MAX_ATTEMPTS} attempts); verify again"
+            f"while it was {what} ({_MAX_ATTEMPTS} attempts); try again"
         )
 
-    def _read(self, record: CheckpointRecord, *, verify: bool) -> Any:
-        return self._guard_concurrent(record, read_state, self.root, record, verify=verify)
+    def _read(self, record: CheckpointRecord, *, verify: bool, mmap: bool = False) -> Any:
+        state = self._guard_concurrent(
+            record, read_state, self.root, record, verify=verify, mmap=mmap
+        )
+        if not verify and self._changed(record):
+            # Without checksums, files of the same sizes saved again under the same directory
+            # name would pass unnoticed; the manifest, unchanged after the read, rules that out
+            # (its checksums name the content that was read).
+            raise _ChangedWhileReading(record)
+        return state
 
     def _guard_concurrent(
         self, record: CheckpointRecord, fn: Callable[..., _T], *args: Any, **kwargs: Any
@@ -220,9 +295,10 @@ class StoreReader:
 
     def _changed(self, record: CheckpointRecord) -> bool:
         current = next((r for r in self.records() if r.step == record.step), None)
-        return current is None or (current.directory, current.files) != (
+        return current is None or (current.directory, current.files, current.created) != (
             record.directory,
             record.files,
+            record.created,
         )
 
     def _check_still_there(self, record: CheckpointRecord, step: StepSelector) -> None:

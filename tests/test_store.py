@@ -463,11 +463,11 @@ def test_a_checkpoint_overwritten_during_a_load_is_read_again_not_half_read(
     real_read = store_module.read_state
     reads = []
 
-    def read_after_overwrite(root: Path, record: Any, *, verify: bool) -> Any:
+    def read_after_overwrite(root: Path, record: Any, **kwargs: Any) -> Any:
         reads.append(record.directory)
         if len(reads) == 1:
             other.save(0, {"w": np.ones(3)}, overwrite=True)
-        return real_read(root, record, verify=verify)
+        return real_read(root, record, **kwargs)
 
     monkeypatch.setattr(store_module, "read_state", read_after_overwrite)
     assert store.load(0)["w"].tolist() == [1.0, 1.0, 1.0]
@@ -485,12 +485,12 @@ def test_a_load_gives_up_with_a_clear_error_if_its_checkpoint_keeps_changing(
     other = CheckpointStore(tmp_path)
     real_read = store_module.read_state
 
-    def read_after_overwrite(root: Path, record: Any, *, verify: bool) -> Any:
+    def read_after_overwrite(root: Path, record: Any, **kwargs: Any) -> Any:
         other.save(0, {"w": np.ones(3)}, overwrite=True)
-        return real_read(root, record, verify=verify)
+        return real_read(root, record, **kwargs)
 
     monkeypatch.setattr(store_module, "read_state", read_after_overwrite)
-    with pytest.raises(CheckpointNotFoundError, match="kept replacing .* step=0 .*20 attempts"):
+    with pytest.raises(CheckpointNotFoundError, match=r"kept replacing .* step=0 .*20 attempts"):
         store.load(0)
     monkeypatch.undo()
     assert store.load(0)["w"][0] == 1.0

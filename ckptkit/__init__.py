@@ -22,6 +22,7 @@ from ckptkit._errors import (
 )
 from ckptkit._modes import AUTO_MODES
 from ckptkit._policy import ConfigChangedWarning, Decision, StoppingPolicy
+from ckptkit._preemption import PreemptionGuard
 from ckptkit._record import CheckpointRecord, FileEntry, TensorInfo
 from ckptkit._retention import RetentionPlan, RetentionPolicy
 from ckptkit._store import Checkpoint, CheckpointStore, FallbackWarning
@@ -45,6 +46,7 @@ __all__ = [
     "LockTimeoutError",
     "MissingMetricError",
     "PendingSave",
+    "PreemptionGuard",
     "RetentionPlan",
     "RetentionPolicy",
     "Stateful",

@@ -12,6 +12,7 @@ from ckptkit._errors import (
     MissingMetricError,
 )
 from ckptkit._policy import Decision, StoppingPolicy
+from ckptkit._preemption import PreemptionGuard
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore
 from ckptkit._validate import check_step
@@ -40,7 +41,9 @@ class Checkpointer:
     every step where the policy sees an improvement (so the best is always restorable), and the
     step where the policy says stop. With ``save_best_only=True``, only improvements are saved;
     the stop is then not recorded, so a restart re-runs the steps after the last improvement
-    and (the run being deterministic) stops again at the same step.
+    and (the run being deterministic) stops again at the same step. With a ``preemption``
+    guard that has caught a signal, the step is saved whatever the schedule (``save_best_only``
+    included) and :attr:`preempted` turns True, for the loop to stop; a restart resumes there.
 
     Args:
         store: where checkpoints go.
@@ -49,14 +52,19 @@ class Checkpointer:
         save_every: save every this many steps (1: every step).
         save_best_only: save only steps where the policy sees an improvement (Keras
             ``ModelCheckpoint(save_best_only=True)``).
+        preemption: a :class:`PreemptionGuard` whose request makes the next :meth:`step`
+            save and set :attr:`preempted`.
 
     Example:
-        >>> ckpt = Checkpointer(store, StoppingPolicy(monitor="val_loss", patience=3), model)
-        >>> start = ckpt.resume()
-        >>> for epoch in range(start, 100):
-        ...     if ckpt.step(epoch, {"val_loss": train_one_epoch()}).should_stop:
-        ...         break
-        >>> ckpt.restore_best()
+        >>> policy = StoppingPolicy(monitor="val_loss", patience=3)
+        >>> with PreemptionGuard() as guard:
+        ...     ckpt = Checkpointer(store, policy, model, preemption=guard)
+        ...     for epoch in range(ckpt.resume(), 100):
+        ...         ckpt.step(epoch, {"val_loss": train_one_epoch()})
+        ...         if ckpt.should_stop or ckpt.preempted:
+        ...             break
+        >>> if not ckpt.preempted:
+        ...     ckpt.restore_best()
     """
 
     def __init__(
@@ -67,6 +75,7 @@ class Checkpointer:
         *,
         save_every: int = 1,
         save_best_only: bool = False,
+        preemption: PreemptionGuard | None = None,
     ) -> None:
         if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
             raise ValueError(f"save_every must be an int >= 1, got {save_every!r}")
@@ -77,14 +86,20 @@ class Checkpointer:
                 _check_stateful(obj, f"state[{name!r}]")
         else:
             _check_stateful(state, "state")
+        if preemption is not None and not isinstance(preemption, PreemptionGuard):
+            raise TypeError(
+                f"preemption is a {type(preemption).__name__}; pass a PreemptionGuard or None"
+            )
         self.store = store
         self.policy = policy
         self.state = state
         self.save_every = save_every
         self.save_best_only = save_best_only
+        self.preemption = preemption
         self.resumed_from: CheckpointRecord | None = None
         self._best_protected: int | None = None
         self._overwrite_after: int | None = None
+        self._preempted = False
 
     def resume(self, *, fallback: bool = True) -> int:
         """Restore the latest checkpoint into the state and the policy; return the next step.
@@ -123,6 +138,15 @@ class Checkpointer:
         """True once the policy has said stop, including in a run resumed after the stop."""
         return self.policy is not None and self.policy.should_stop
 
+    @property
+    def preempted(self) -> bool:
+        """True after a :meth:`step` that found a stop request and made sure its step is saved.
+
+        A signal caught after that check leaves this False until the next step has saved, so
+        a loop that breaks on it never leaves its last trained step unsaved.
+        """
+        return self._preempted
+
     def step(
         self,
         step: int,
@@ -132,13 +156,15 @@ class Checkpointer:
     ) -> Decision | None:
         """Observe the monitored metric, save if due, apply retention; return the decision.
 
-        Returns None when the checkpointer has no policy.
+        Also saves a step not due when the ``preemption`` guard has caught a signal, and then
+        sets :attr:`preempted`. Returns None when the checkpointer has no policy.
 
         Raises:
             MissingMetricError: the policy's monitor is not among ``metrics`` (the message lists
                 the names there are).
         """
         step = check_step(step)
+        self._preempted = False
         decision = None
         if self.policy is not None:
             monitor = self.policy.monitor
@@ -152,8 +178,14 @@ class Checkpointer:
                 # Stopped earlier (maybe before a restart): nothing new to decide or save.
                 return self.policy.observe(metrics[monitor], step=step)
             decision = self.policy.observe(metrics[monitor], step=step)
-        if self._due(step, decision):
+        saved = self._due(step, decision)
+        if saved:
             self.save(step, metrics, metadata=metadata)
+        # Checked after the scheduled save: a signal caught during it needs no second one.
+        if self.preemption is not None and self.preemption.requested:
+            if not saved:
+                self.save(step, metrics, metadata=metadata)
+            self._preempted = True
         return decision
 
     def _due(self, step: int, decision: Decision | None) -> bool:

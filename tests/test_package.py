@@ -32,6 +32,7 @@ def test_exported_names_are_pinned() -> None:
         "LockTimeoutError",
         "MissingMetricError",
         "PendingSave",
+        "PreemptionGuard",
         "RetentionPlan",
         "RetentionPolicy",
         "Stateful",

@@ -75,6 +75,13 @@ def commit_manifest(
         _fsio.fsync_dir(root)
         _fsio.write_durable_file(tmp, _manifest.dumps(records))
         os.replace(tmp, root / MANIFEST_NAME)
+    except OSError as e:
+        if e.filename == str(tmp):
+            e.filename = f"{root / MANIFEST_NAME}, writing its replacement {tmp.name}"
+        _fsio.remove_quietly(tmp)
+        if new_directory is not None:
+            _fsio.remove_tree_of_own_files(root / new_directory, CHECKPOINT_FILES)
+        raise
     except BaseException:
         _fsio.remove_quietly(tmp)
         if new_directory is not None:

@@ -382,7 +382,11 @@ class CheckpointStore(StoreReader):
         if e.filename is not None:
             reason += f" ({e.filename})"
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            advice = "free disk space (or keep fewer checkpoints) and try again"
+            advice = (
+                "free disk space outside the store, then try again (a full disk also blocks "
+                "pruning, which writes a new manifest first); keep fewer checkpoints to stay "
+                "under the space there is"
+            )
         elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             advice = (
                 "the store is read-only or not writable by this user: loading works, but "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from ckptkit._async import PendingSave
 from ckptkit._errors import (
     CheckpointNotFoundError,
     CkptkitError,
@@ -54,6 +55,9 @@ class Checkpointer:
             ``ModelCheckpoint(save_best_only=True)``).
         preemption: a :class:`PreemptionGuard` whose request makes the next :meth:`step`
             save and set :attr:`preempted`.
+        blocking: False to save with ``store.save_async``: each save copies the state into
+            reused buffers and commits in the background while training goes on; a failure is
+            raised by the next save, :meth:`wait` or :meth:`restore_best`.
 
     Example:
         >>> policy = StoppingPolicy(monitor="val_loss", patience=3)
@@ -76,6 +80,7 @@ class Checkpointer:
         save_every: int = 1,
         save_best_only: bool = False,
         preemption: PreemptionGuard | None = None,
+        blocking: bool = True,
     ) -> None:
         if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
             raise ValueError(f"save_every must be an int >= 1, got {save_every!r}")
@@ -96,6 +101,7 @@ class Checkpointer:
         self.save_every = save_every
         self.save_best_only = save_best_only
         self.preemption = preemption
+        self.blocking = bool(blocking)
         self.resumed_from: CheckpointRecord | None = None
         self._best_protected: int | None = None
         self._overwrite_after: int | None = None
@@ -108,6 +114,7 @@ class Checkpointer:
         that fails verification is skipped with a ``FallbackWarning`` for the newest one that
         verifies. The checkpoint resumed from is protected from retention in this process.
         """
+        self.store.wait()
         latest = self.store.latest()
         if latest is None:
             return 0
@@ -185,6 +192,8 @@ class Checkpointer:
         if self.preemption is not None and self.preemption.requested:
             if not saved:
                 self.save(step, metrics, metadata=metadata)
+            # The loop stops on this: the checkpoint must be committed first.
+            self.store.wait()
             self._preempted = True
         return decision
 
@@ -203,8 +212,12 @@ class Checkpointer:
         metrics: Mapping[str, Any] | None = None,
         *,
         metadata: Mapping[str, Any] | None = None,
-    ) -> CheckpointRecord:
-        """Save a checkpoint now, whatever the schedule (for example before a preemption)."""
+    ) -> CheckpointRecord | PendingSave:
+        """Save a checkpoint now, whatever the schedule (for example before a preemption).
+
+        Returns the committed record, or with ``blocking=False`` the :class:`PendingSave` of
+        a commit that goes on in the background (``store.save_async``).
+        """
         meta = dict(metadata or {})
         if RESERVED_METADATA_KEY in meta:
             raise ValueError(
@@ -214,9 +227,14 @@ class Checkpointer:
         if self.policy is not None:
             meta[RESERVED_METADATA_KEY] = {"policy": self.policy.state_dict()}
         overwrite = self._overwrite_after is not None and step > self._overwrite_after
-        record = self.store.save(step, self._state_dict(), metrics, meta, overwrite=overwrite)
+        save = self.store.save if self.blocking else self.store.save_async
+        result = save(step, self._state_dict(), metrics, meta, overwrite=overwrite)
         self._protect_best()
-        return record
+        return result
+
+    def wait(self) -> CheckpointRecord | None:
+        """Wait for a background save (``blocking=False``); raise its error if it failed."""
+        return self.store.wait()
 
     def restore_best(self) -> CheckpointRecord:
         """Load the best checkpoint into the state and return its record.
@@ -228,6 +246,7 @@ class Checkpointer:
         Raises:
             CheckpointNotFoundError: there is no best, or it was not saved.
         """
+        self.store.wait()
         if self.policy is not None:
             best_step = self.policy.best_step
             if best_step is None:

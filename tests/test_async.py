@@ -189,3 +189,44 @@ def test_the_store_is_a_context_manager_that_finishes_the_save(tmp_path: Path) -
         store.save_async(0, {"w": np.zeros(1000)})
     assert store._pending is None and store._buffers.nbytes == 0
     assert [r.step for r in CheckpointStore(tmp_path).records()] == [0]
+
+
+def test_a_non_blocking_checkpointer_resumes_like_a_blocking_one(tmp_path: Path) -> None:
+    """Checkpointer(blocking=False) commits the same steps, and resume/restore_best see them."""
+    from ckptkit import Checkpointer, StoppingPolicy
+
+    class Weights:
+        def __init__(self) -> None:
+            self.w = np.zeros(100)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"w": self.w}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.w = state["w"].copy()
+
+    losses = [1.0, 0.5, 0.7, 0.4, 0.6, 0.8, 0.9]
+    runs = {}
+    for blocking in (True, False):
+        root = tmp_path / str(blocking)
+        model = Weights()
+        ckpt = Checkpointer(
+            CheckpointStore(root, keep_last=2),
+            StoppingPolicy(monitor="loss", patience=2),
+            model,
+            blocking=blocking,
+        )
+        for epoch, loss in enumerate(losses):
+            model.w += 1  # in place, right after the previous step's save returned
+            ckpt.step(epoch, {"loss": loss})
+            if ckpt.should_stop:
+                break
+        best = ckpt.restore_best()
+        assert best.step == 3 and model.w[0] == 4.0
+        runs[blocking] = [(r.step, r.metrics) for r in CheckpointStore(root).records()]
+        again = Weights()
+        resumed = Checkpointer(
+            CheckpointStore(root), StoppingPolicy(monitor="loss", patience=2), again
+        )
+        assert resumed.resume() == epoch + 1 and again.w[0] == epoch + 1
+    assert runs[True] == runs[False]

@@ -6,6 +6,7 @@ lock (see ``_store.py`` for the order and why it is safe). Nothing here takes th
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -16,6 +17,8 @@ from ckptkit import _fsio, _manifest
 from ckptkit._manifest import CHECKPOINT_DIR, CHECKPOINT_FILES, MANIFEST_NAME
 from ckptkit._record import CheckpointRecord, FileEntry
 from ckptkit._safetensors import write_safetensors
+
+logger = logging.getLogger("ckptkit")
 
 
 def write_directory(
@@ -109,6 +112,7 @@ def sweep(root: Path, listed: set[str] | None) -> None:
     for entry in os.scandir(root):
         path = Path(entry.path)
         if entry.name.startswith(_fsio.TEMP_PREFIX):
+            logger.info("%s: removing %s, left by a save that did not finish", root, entry.name)
             _fsio.remove_temp_tree(path)
         elif (
             listed is not None
@@ -116,4 +120,5 @@ def sweep(root: Path, listed: set[str] | None) -> None:
             and entry.name not in listed
             and entry.is_dir(follow_symlinks=False)
         ):
+            logger.info("%s: removing %s, which the manifest does not list", root, entry.name)
             _fsio.remove_tree_of_own_files(path, CHECKPOINT_FILES)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import threading
 import time
@@ -54,6 +55,8 @@ from ckptkit._validate import check_metrics, check_step
 __all__ = ["LOCK_NAME", "Checkpoint", "CheckpointStore", "FallbackWarning", "StepSelector"]
 
 LOCK_NAME = ".ckptkit.lock"
+
+logger = logging.getLogger("ckptkit")
 
 
 class _Unread:
@@ -269,6 +272,7 @@ class CheckpointStore(StoreReader):
     def _commit(self, job: _SaveJob) -> CheckpointRecord:
         """The commit protocol, under the lock (see the module docstring)."""
         step = job.step
+        started = time.perf_counter()
         with self._writing(f"saving step {step}"):
             records = self.records()
             old = next((r for r in records if r.step == step), None)
@@ -291,7 +295,17 @@ class CheckpointStore(StoreReader):
             plan = self.retention.select(candidates, protected=job.protected)
             kept = [r for r in candidates if r.step in plan.keep]
             commit_manifest(self.root, kept, new_directory=directory)
+            logger.info(
+                "%s: committed step %d (%s, %d bytes) in %.3f s",
+                self.root,
+                step,
+                directory,
+                sum(f.size for f in files),
+                time.perf_counter() - started,
+            )
             dropped = [r for r in candidates if r.step not in plan.keep]
+            if dropped:
+                logger.info("%s: retention deletes steps %s", self.root, [r.step for r in dropped])
             delete_checkpoints(self.root, dropped + ([old] if old is not None else []))
         return record
 
@@ -348,6 +362,7 @@ class CheckpointStore(StoreReader):
             records = self.records()
             plan = self.retention.select(records, protected=self._protected)
             if not dry_run and plan.delete:
+                logger.info("%s: prune deletes steps %s", self.root, sorted(plan.delete))
                 commit_manifest(self.root, [r for r in records if r.step in plan.keep])
                 delete_checkpoints(self.root, [r for r in records if r.step not in plan.keep])
         return plan

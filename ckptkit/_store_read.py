@@ -9,6 +9,7 @@ another process's change (read again, or a clear error for a step that is gone).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ StepSelector = int | Literal["latest", "best"] | None
 _MAX_ATTEMPTS = 20
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger("ckptkit")
 
 
 class _ChangedWhileReading(Exception):
@@ -220,10 +223,9 @@ class StoreReader:
             except CorruptCheckpointError as e:
                 errors.append(str(e))
                 nxt = f"trying step {candidates[i + 1].step}" if i + 1 < len(candidates) else ""
-                warnings.warn(
-                    FallbackWarning(f"skipping corrupt step {record.step}: {e}; {nxt}"),
-                    stacklevel=4,
-                )
+                message = f"skipping corrupt step {record.step}: {e}; {nxt}"
+                logger.warning("%s: %s", self.root, message)
+                warnings.warn(FallbackWarning(message), stacklevel=4)
         raise CorruptCheckpointError(
             f"{self.root}: no checkpoint verifies among steps {[r.step for r in candidates]}: "
             + "; ".join(errors)

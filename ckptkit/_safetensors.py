@@ -33,6 +33,8 @@ from ckptkit._errors import CorruptCheckpointError, UnsupportedStateError
 MAX_HEADER_BYTES = 100_000_000
 
 _METADATA_KEY = "__metadata__"
+#: Tensors smaller than this are written together in buffers of about this size.
+_SMALL_TENSOR_BYTES = 1 << 20
 
 #: safetensors dtype code -> numpy dtype name (``ml_dtypes`` names for the narrow floats).
 _CODE_TO_NAME: dict[str, str] = {
@@ -94,6 +96,20 @@ def numpy_dtype(code: str) -> np.dtype[np.generic]:
 
 def dtype_code(dtype: np.dtype[np.generic]) -> str | None:
     """Return the safetensors code for ``dtype`` (any byte order), or None if it has none."""
+    try:
+        return _CODE_OF_DTYPE[dtype]
+    except KeyError:
+        code = _CODE_OF_DTYPE[dtype] = _find_dtype_code(dtype)
+        return code
+    except TypeError:  # an unhashable dtype
+        return _find_dtype_code(dtype)
+
+
+#: dtype -> code, filled as dtypes are met (``dtype.name`` is slow, and a state has many arrays).
+_CODE_OF_DTYPE: dict[np.dtype[np.generic], str | None] = {}
+
+
+def _find_dtype_code(dtype: np.dtype[np.generic]) -> str | None:
     code = _NAME_TO_CODE.get(dtype.name)
     if code is None or dtype.fields is not None or dtype.subdtype is not None:
         return None
@@ -187,12 +203,25 @@ def write_safetensors(
     header_bytes = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
 
-    _write_all(out, struct.pack("<Q", len(header_bytes)))
-    _write_all(out, header_bytes)
+    # Small tensors are gathered into one buffer, so a state of many small arrays costs a few
+    # writes instead of one per tensor; large ones are written from their own memory.
+    pending = bytearray(struct.pack("<Q", len(header_bytes)))
+    pending += header_bytes
     for _, _, _, array in entries:
-        if array.nbytes:
-            flat = _little_endian_c_order(array).reshape(-1).view(np.uint8)
-            _write_all(out, flat.data)
+        if not array.nbytes:
+            continue
+        flat = _little_endian_c_order(array).reshape(-1).view(np.uint8)
+        if array.nbytes < _SMALL_TENSOR_BYTES:
+            pending += flat.data
+            if len(pending) < _SMALL_TENSOR_BYTES:
+                continue
+            flat = np.frombuffer(pending, dtype=np.uint8)
+        elif pending:
+            _write_all(out, memoryview(pending))
+        _write_all(out, flat.data)
+        pending = bytearray()
+    if pending:
+        _write_all(out, memoryview(pending))
     return 8 + len(header_bytes) + offset
 
 

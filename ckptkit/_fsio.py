@@ -15,17 +15,46 @@ import secrets
 import stat
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import xxhash
 
 #: Prefix of every temporary name the store creates inside its root. Opening a store sweeps
 #: names with this prefix (and only those) that a crashed writer left behind.
 TEMP_PREFIX = ".ckptkit-tmp-"
 
-CHECKSUM_ALGORITHM = "sha256"
+#: The algorithm of the checksums the store writes. Checksums are ``"<algorithm>:<hex digest>"``
+#: and are verified with the algorithm they name, so files written with an older algorithm still
+#: verify. They guard against accidental damage (bit rot, truncation, torn copies), not against
+#: someone who edits a file and its manifest entry: hostile bytes meet the strict parsers.
+CHECKSUM_ALGORITHM = "xxh3_128"
 
 # os.write may write fewer bytes than asked (signals, pipes, some file systems), and a single
 # call is capped near 2 GiB on Linux: always loop.
 _MAX_WRITE = 1 << 30
+
+
+class Hasher(Protocol):
+    """What the store needs of a hash object: hashlib's and xxhash's both fit."""
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def new_hasher(algorithm: str) -> Hasher:
+    """A fresh hash object for a checksum algorithm the manifest can name.
+
+    Raises:
+        ValueError: ``algorithm`` is not ``"sha256"`` or ``"xxh3_128"``.
+    """
+    if algorithm == "xxh3_128":
+        return xxhash.xxh3_128()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(
+        f"checksum algorithm {algorithm!r} is not one ckptkit knows (sha256, xxh3_128)"
+    )
 
 
 def temp_name(suffix: str = "") -> str:
@@ -56,7 +85,7 @@ class HashingWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = 0
-        self._hash = hashlib.new(CHECKSUM_ALGORITHM)
+        self._hash = new_hasher(CHECKSUM_ALGORITHM)
         # O_EXCL: never write through a name some other process (or an old crash) already holds.
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
@@ -208,9 +237,18 @@ def read_capped(path: Path, *, cap: int) -> bytes:
         os.close(fd)
 
 
-def file_checksum(name: str, *, dir_fd: int) -> tuple[int, str]:
-    """Size and checksum of an existing regular file, read in 8 MiB chunks."""
-    h = hashlib.new(CHECKSUM_ALGORITHM)
+def file_checksum(
+    name: str, *, dir_fd: int, algorithm: str = CHECKSUM_ALGORITHM
+) -> tuple[int, str]:
+    """Size and checksum of an existing regular file, read in 8 MiB chunks.
+
+    To check a file against its manifest entry, pass the entry's algorithm (the part of its
+    checksum before the colon): a file written under an older format keeps its old checksum.
+
+    Raises:
+        ValueError: ``algorithm`` is not one ckptkit knows.
+    """
+    h = new_hasher(algorithm)
     size = 0
     fd = open_regular(name, dir_fd=dir_fd)
     try:
@@ -221,7 +259,7 @@ def file_checksum(name: str, *, dir_fd: int) -> tuple[int, str]:
             size += n
     finally:
         os.close(fd)
-    return size, f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+    return size, f"{algorithm}:{h.hexdigest()}"
 
 
 def read_verified(name: str, *, dir_fd: int, size: int, checksum: str | None) -> bytearray:
@@ -242,7 +280,7 @@ def read_verified(name: str, *, dir_fd: int, size: int, checksum: str | None) ->
         os.close(fd)
     if checksum is not None:
         algorithm, _, _ = checksum.partition(":")
-        h = hashlib.new(algorithm)
+        h = new_hasher(algorithm)
         h.update(buf)
         if f"{algorithm}:{h.hexdigest()}" != checksum:
             raise ValueError("checksum does not match the manifest (the file's bytes changed)")
@@ -267,7 +305,7 @@ def map_verified(name: str, *, dir_fd: int, size: int, checksum: str | None) -> 
     view = memoryview(mapped)
     if checksum is not None:
         algorithm, _, _ = checksum.partition(":")
-        h = hashlib.new(algorithm)
+        h = new_hasher(algorithm)
         for start in range(0, size, 8 << 20):
             h.update(view[start : start + (8 << 20)])
         if f"{algorithm}:{h.hexdigest()}" != checksum:

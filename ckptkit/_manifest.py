@@ -5,6 +5,11 @@ keys, records sorted by step) and never holds bare ``NaN``/``Infinity`` tokens: 
 metric values are the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``. The schema is in
 ``docs/manifest.schema.json``; ``FORMAT_VERSION`` changes only when old readers could misread
 new files.
+
+Format version 2 added ``xxh3_128`` file checksums beside ``sha256``, the only form of version 1.
+The writer always writes version 2; a record read from a version 1 manifest keeps its ``sha256``
+checksum when the manifest is rewritten, and still verifies, since files are checked with the
+algorithm their checksum names.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from ckptkit._errors import StoreFormatError
 from ckptkit._record import CheckpointRecord, FileEntry
 from ckptkit._tree import decode_json_value, encode_json_value
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 #: The largest manifest read: about 100,000 checkpoints with modest metadata.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -29,6 +34,20 @@ MAX_MANIFEST_BYTES = 64 << 20
 CHECKPOINT_DIR = re.compile(r"step_([0-9]{12,})(\.[0-9]+)?")
 #: File names the store writes inside a checkpoint directory.
 CHECKPOINT_FILES = ("arrays.safetensors", "state.json")
+
+#: The checksum forms each manifest format version accepts: algorithm to hex digits of the digest.
+CHECKSUM_FORMS: dict[int, dict[str, int]] = {
+    1: {"sha256": 64},
+    2: {"sha256": 64, "xxh3_128": 32},
+}
+_CHECKSUM_PATTERNS = {
+    version: re.compile("|".join(f"{re.escape(a)}:[0-9a-f]{{{n}}}" for a, n in forms.items()))
+    for version, forms in CHECKSUM_FORMS.items()
+}
+_CHECKSUM_WORDS = {
+    version: " or ".join(f"{algo}:<{n} hex digits>" for algo, n in forms.items())
+    for version, forms in CHECKSUM_FORMS.items()
+}
 
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -45,8 +64,26 @@ def decode_metric(value: object, *, where: str) -> float:
     if isinstance(value, str) and value in _NONFINITE:
         return _NONFINITE[value]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        number = _to_float(value)
+        if number is None:
+            raise ValueError(f"{where}: metric value {_describe(value)} is too large for a float")
+        return number
     raise ValueError(f"{where}: metric value {value!r} is not a number")
+
+
+def _to_float(value: int | float) -> float | None:
+    """The value as a float, or None for an int too large for one (JSON allows any digits)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _describe(value: int | float) -> str:
+    """A number for an error message, without printing hundreds of digits."""
+    if isinstance(value, int) and abs(value) >= 10**20:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return repr(value)
 
 
 def dumps(records: Sequence[CheckpointRecord]) -> bytes:
@@ -96,7 +133,7 @@ def loads(data: bytes, *, path: str) -> list[CheckpointRecord]:
     seen: set[int] = set()
     for i, entry in enumerate(entries):
         try:
-            record = _record_from_json(entry)
+            record = _record_from_json(entry, version=version)
         except (ValueError, TypeError, KeyError) as e:
             raise StoreFormatError(f"{path}: checkpoints[{i}] is malformed: {e}") from None
         if record.step in seen:
@@ -111,7 +148,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"bare {name} is not allowed")
 
 
-def _record_from_json(entry: object) -> CheckpointRecord:
+def _record_from_json(entry: object, *, version: int) -> CheckpointRecord:
     if not isinstance(entry, dict):
         raise TypeError("expected an object")
     step = entry["step"]
@@ -129,6 +166,10 @@ def _record_from_json(entry: object) -> CheckpointRecord:
     created = entry["created"]
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise ValueError(f"{where}: created {created!r} is not a number")
+    created_seconds = _to_float(created)
+    # JSON reads 1e400 as infinity: a time must be a finite number of seconds.
+    if created_seconds is None or not math.isfinite(created_seconds):
+        raise ValueError(f"{where}: created {_describe(created)} is not a finite number of seconds")
     pinned = entry.get("pinned", False)
     if not isinstance(pinned, bool):
         raise ValueError(f"{where}: pinned {pinned!r} is not a boolean")
@@ -147,17 +188,17 @@ def _record_from_json(entry: object) -> CheckpointRecord:
     return CheckpointRecord(
         step=step,
         directory=directory,
-        created=float(created),
+        created=created_seconds,
         pinned=pinned,
         metrics={
             str(k): decode_metric(v, where=f"{where}, metric {k!r}") for k, v in metrics.items()
         },
         metadata=metadata,
-        files=tuple(_file_from_json(f, where=where) for f in files),
+        files=tuple(_file_from_json(f, where=where, version=version) for f in files),
     )
 
 
-def _file_from_json(entry: object, *, where: str) -> FileEntry:
+def _file_from_json(entry: object, *, where: str, version: int) -> FileEntry:
     if not isinstance(entry, dict):
         raise TypeError(f"{where}: a file entry must be an object")
     name, size, checksum = entry["name"], entry["size"], entry["checksum"]
@@ -165,6 +206,9 @@ def _file_from_json(entry: object, *, where: str) -> FileEntry:
         raise ValueError(f"{where}: file name {name!r} is not one the store writes")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"{where}: size of {name} is {size!r}, not a non-negative integer")
-    if not isinstance(checksum, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
-        raise ValueError(f"{where}: checksum of {name} is {checksum!r}, not sha256:<64 hex digits>")
+    if not isinstance(checksum, str) or not _CHECKSUM_PATTERNS[version].fullmatch(checksum):
+        raise ValueError(
+            f"{where}: checksum of {name} is {checksum!r}, not {_CHECKSUM_WORDS[version]} "
+            f"(what manifest format_version {version} accepts)"
+        )
     return FileEntry(name=name, size=size, checksum=checksum)

@@ -194,7 +194,9 @@ def verify_files(root: Path, record: CheckpointRecord) -> None:
         for entry in record.files:
             path = directory / entry.name
             try:
-                size, checksum = _fsio.file_checksum(entry.name, dir_fd=dir_fd)
+                size, checksum = _fsio.file_checksum(
+                    entry.name, dir_fd=dir_fd, algorithm=entry.checksum.partition(":")[0]
+                )
             except FileNotFoundError:
                 raise CorruptCheckpointError(
                     f"{path}: file of step {record.step} is missing"

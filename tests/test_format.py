@@ -1,16 +1,19 @@
 """The on-disk format: golden stores still load exactly, the writer still writes the same bytes.
 
-``tests/data/format_v1/`` was written by ``tests/data/make_golden.py`` from
-:func:`build_golden_store` and is never edited. If a test here that compares bytes with it fails,
-the format changed: bump ``FORMAT_VERSION``, add a builder for the new version and a new golden
-directory, and keep every old one loading.
+Each ``tests/data/format_v<N>/`` was written by ``tests/data/make_golden.py`` from
+``GOLDEN_BUILDERS[N]`` when format version N was introduced, and is never edited. The read-side
+tests run on every golden directory; the writer is compared with the current version's. If a test
+that compares bytes with it fails, the format changed: bump ``FORMAT_VERSION``, add a builder for
+the new version and a new golden directory, and keep every old one loading.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -22,27 +25,43 @@ import jsonschema
 import ml_dtypes
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckptkit import CheckpointRecord, CheckpointStore, FileEntry, StoreFormatError
-from ckptkit._manifest import FORMAT_VERSION, dumps, loads
+from ckptkit import (
+    CheckpointRecord,
+    CheckpointStore,
+    CorruptCheckpointError,
+    FileEntry,
+    StoreFormatError,
+)
+from ckptkit._fsio import CHECKSUM_ALGORITHM, file_checksum, new_hasher, read_verified
+from ckptkit._manifest import CHECKSUM_FORMS, FORMAT_VERSION, dumps, loads
 from ckptkit._safetensors import _CODE_TO_NAME, numpy_dtype, parse_safetensors
 from ckptkit._tree import flatten_state
 from tests.strategies import assert_same_state, floats_any_bits, keys, state_trees
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
-GOLDEN_V1 = DATA / "format_v1"
+#: Every golden store, by format version: tests/data/format_v<N>/.
+GOLDEN_DIRS = {
+    int(p.name.removeprefix("format_v")): p
+    for p in sorted(DATA.glob("format_v*"), key=lambda p: int(p.name.removeprefix("format_v")))
+}
+GOLDEN_V1 = GOLDEN_DIRS[1]
+GOLDEN_CURRENT = GOLDEN_DIRS.get(FORMAT_VERSION, DATA / f"format_v{FORMAT_VERSION}")
+#: The checksum algorithm each format version's writer used for every file.
+GOLDEN_CHECKSUM_ALGORITHMS = {1: "sha256", 2: "xxh3_128"}
 MANIFEST_SCHEMA = json.loads((REPO / "docs" / "manifest.schema.json").read_text("utf-8"))
 STATE_SCHEMA = json.loads((REPO / "docs" / "state.schema.json").read_text("utf-8"))
 CHECKPOINT_FILES = ("arrays.safetensors", "state.json")
 
-# -- the inputs of the golden store, format_version 1 (frozen: the golden bytes depend on them) --
+# -- the inputs of the golden stores (frozen: the golden bytes depend on them) ----------------------
 
 GOLDEN_STEPS = (0, 7, 10**12)
 
-#: Every dtype code of format_version 1, in a fixed order.
+#: Every dtype code of format_versions 1 and 2, in a fixed order.
 GOLDEN_DTYPE_CODES = (
     "BOOL",
     "U8",
@@ -189,8 +208,12 @@ def build_golden_store(root: Path) -> CheckpointStore:
     return store
 
 
-#: The builder of each format version's golden store, for tests/data/make_golden.py.
-GOLDEN_BUILDERS: dict[int, Callable[[Path], CheckpointStore]] = {1: build_golden_store}
+#: The builder of each format version's golden store, for tests/data/make_golden.py. Version 2
+#: changed only the checksum algorithm, so it saves the same checkpoints as version 1.
+GOLDEN_BUILDERS: dict[int, Callable[[Path], CheckpointStore]] = {
+    1: build_golden_store,
+    2: build_golden_store,
+}
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -211,24 +234,45 @@ def _checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir())
 
 
-@pytest.fixture
-def golden(tmp_path: Path) -> Path:
-    """A copy of the golden store: opening a store sweeps and creates its lock file."""
-    return Path(shutil.copytree(GOLDEN_V1, tmp_path / "golden"))
+def _manifest_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [entry for record in manifest["checkpoints"] for entry in record["files"]]
 
 
-# -- the golden store ------------------------------------------------------------------------------
+#: Parametrizes a test over every golden directory (the directory itself: do not write to it).
+every_golden_dir = pytest.mark.parametrize(
+    "golden_dir", list(GOLDEN_DIRS.values()), ids=[p.name for p in GOLDEN_DIRS.values()]
+)
 
 
-def test_golden_store_holds_only_committed_files_and_is_small() -> None:
+@pytest.fixture(params=list(GOLDEN_DIRS.values()), ids=[p.name for p in GOLDEN_DIRS.values()])
+def golden(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A copy of each golden store: opening a store sweeps and creates its lock file."""
+    source: Path = request.param
+    return Path(shutil.copytree(source, tmp_path / source.name))
+
+
+# -- the golden stores -----------------------------------------------------------------------------
+
+
+def test_every_format_version_has_a_golden_store_and_a_builder() -> None:
+    """Each format version up to the current one has its golden directory and its builder."""
+    versions = list(range(1, FORMAT_VERSION + 1))
+    assert list(GOLDEN_DIRS) == versions
+    assert sorted(GOLDEN_BUILDERS) == versions
+    assert sorted(CHECKSUM_FORMS) == versions
+    assert CHECKSUM_ALGORITHM in CHECKSUM_FORMS[FORMAT_VERSION], "the writer's own checksums"
+
+
+@every_golden_dir
+def test_golden_store_holds_only_committed_files_and_is_small(golden_dir: Path) -> None:
     """The golden directory has the manifest and three checkpoints of two files, no lock, < 100 KB."""
-    names = sorted(str(p.relative_to(GOLDEN_V1)) for p in GOLDEN_V1.rglob("*"))
+    names = sorted(str(p.relative_to(golden_dir)) for p in golden_dir.rglob("*"))
     dirs = ["step_000000000000", "step_000000000007.1", "step_1000000000000"]
     expected = ["manifest.json"] + [
         f"{d}{suffix}" for d in dirs for suffix in ("", *(f"/{f}" for f in CHECKPOINT_FILES))
     ]
     assert names == sorted(expected)
-    assert sum(p.stat().st_size for p in GOLDEN_V1.rglob("*") if p.is_file()) < 100_000
+    assert sum(p.stat().st_size for p in golden_dir.rglob("*") if p.is_file()) < 100_000
 
 
 def test_golden_checkpoints_load_exactly(golden: Path) -> None:
@@ -266,11 +310,36 @@ def test_golden_checkpoints_verify(golden: Path) -> None:
         assert store.verify(step).step == step
 
 
-def test_golden_store_covers_every_dtype_and_every_tag() -> None:
+def test_golden_checkpoints_load_exactly_when_memory_mapped(golden: Path) -> None:
+    """A memory-mapped load checks each golden file's checksum with its own algorithm too."""
+    store = CheckpointStore(golden)
+    for step in GOLDEN_STEPS:
+        assert_same_state(golden_state(step), store.load(step, mmap=True))
+        assert set(store.read_arrays(step, verify=True)) == set(store.tensor_info(step))
+
+
+@every_golden_dir
+def test_golden_checksums_are_their_versions_algorithm_over_the_whole_file(
+    golden_dir: Path,
+) -> None:
+    """Each golden checksum is the writer's algorithm of its time, over the file's bytes."""
+    version = int(golden_dir.name.removeprefix("format_v"))
+    algorithm = GOLDEN_CHECKSUM_ALGORITHMS[version]
+    independent = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}[algorithm]
+    manifest = json.loads((golden_dir / "manifest.json").read_bytes())
+    assert manifest["format_version"] == version
+    for record in manifest["checkpoints"]:
+        for entry in record["files"]:
+            data = (golden_dir / record["directory"] / entry["name"]).read_bytes()
+            assert entry["checksum"] == f"{algorithm}:{independent(data).hexdigest()}"
+
+
+@every_golden_dir
+def test_golden_store_covers_every_dtype_and_every_tag(golden_dir: Path) -> None:
     """The golden arrays use every dtype ckptkit writes; its JSON uses every tag and an escaped key."""
     codes: set[str] = set()
-    texts = [(GOLDEN_V1 / "manifest.json").read_text("ascii")]
-    for directory in _checkpoint_dirs(GOLDEN_V1):
+    texts = [(golden_dir / "manifest.json").read_text("ascii")]
+    for directory in _checkpoint_dirs(golden_dir):
         arrays, _ = parse_safetensors((directory / "arrays.safetensors").read_bytes(), source="")
         codes |= {
             code
@@ -297,22 +366,149 @@ def test_newer_format_version_is_refused_with_an_upgrade_message(golden: Path) -
         CheckpointStore(golden)
 
 
+# -- stores of older format versions --------------------------------------------------------------
+
+
+def _v1_store(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(GOLDEN_V1, tmp_path / "store"))
+
+
+def test_saving_into_a_v1_store_writes_v2_and_keeps_the_old_sha256_checksums(
+    tmp_path: Path,
+) -> None:
+    """A v1 store saved into gets a current manifest; its old records keep sha256 and still load."""
+    root = _v1_store(tmp_path)
+    old = json.loads((root / "manifest.json").read_bytes())
+    store = CheckpointStore(root)
+    added = GOLDEN_STEPS[-1] + 1
+    new = store.save(added, {"w": np.arange(3, dtype=np.float32)}, metrics={"loss": 0.5})
+    assert all(f.checksum.startswith(f"{CHECKSUM_ALGORITHM}:") for f in new.files)
+
+    manifest = json.loads((root / "manifest.json").read_bytes())
+    assert manifest["format_version"] == FORMAT_VERSION
+    _validate(MANIFEST_SCHEMA, manifest)
+    assert manifest["checkpoints"][:-1] == old["checkpoints"]
+    assert all(e["checksum"].startswith("sha256:") for e in _manifest_files(old))
+
+    reopened = CheckpointStore(root)
+    assert [r.step for r in reopened.records()] == [*GOLDEN_STEPS, added]
+    for step in GOLDEN_STEPS:
+        assert reopened.verify(step).step == step
+        assert_same_state(golden_state(step), reopened.load(step))
+        assert_same_state(golden_state(step), reopened.load(step, mmap=True))
+    reopened.verify(added)
+    np.testing.assert_array_equal(reopened.load(added)["w"], np.arange(3, dtype=np.float32))
+
+
+def test_a_damaged_file_of_a_sha256_record_is_still_caught_in_a_v2_store(tmp_path: Path) -> None:
+    """After a v1 store moves to v2, its sha256 records still catch a changed byte."""
+    root = _v1_store(tmp_path)
+    store = CheckpointStore(root)
+    store.unpin(0)  # rewrites the manifest as the current version
+    assert json.loads((root / "manifest.json").read_bytes())["format_version"] == FORMAT_VERSION
+    path = root / "step_000000000007.1" / "arrays.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    for check in (
+        lambda: store.verify(7),
+        lambda: store.load(7),
+        lambda: store.load(7, mmap=True),
+    ):
+        with pytest.raises(CorruptCheckpointError, match=r"arrays\.safetensors: checksum"):
+            check()
+
+
+def _golden_manifest(version: int) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((GOLDEN_DIRS[version] / "manifest.json").read_bytes())
+    return doc
+
+
+def test_a_v1_manifest_with_an_xxh3_checksum_is_refused() -> None:
+    """Format version 1 had only sha256: an xxh3_128 checksum in it is refused, naming the form."""
+    doc = _golden_manifest(1)
+    doc["checkpoints"][1]["files"][0]["checksum"] = "xxh3_128:" + "0" * 32
+    with pytest.raises(
+        StoreFormatError,
+        match=r"manifest.json: checkpoints\[1\] is malformed: step 7: checksum of "
+        r"arrays\.safetensors is 'xxh3_128:0{32}', not sha256:<64 hex digits> "
+        r"\(what manifest format_version 1 accepts\)$",
+    ):
+        loads(json.dumps(doc).encode(), path="manifest.json")
+
+
+def test_a_v2_manifest_reads_both_checksum_forms() -> None:
+    """Format version 2 reads sha256 and xxh3_128 checksums, side by side in one record."""
+    doc = _golden_manifest(2)
+    files = doc["checkpoints"][0]["files"]
+    files[0]["checksum"] = "sha256:" + "ab" * 32
+    (record, *_) = loads(json.dumps(doc).encode(), path="manifest.json")
+    assert [f.checksum.partition(":")[0] for f in record.files] == ["sha256", "xxh3_128"]
+
+
+@pytest.mark.parametrize(
+    "checksum",
+    [
+        "md5:" + "0" * 32,
+        "blake3:" + "0" * 64,
+        "xxh3_64:" + "0" * 16,
+        "XXH3_128:" + "0" * 32,
+        "xxh3_128:" + "0" * 64,
+        "sha256:" + "0" * 32,
+    ],
+)
+def test_an_unknown_checksum_algorithm_or_length_is_refused(checksum: str) -> None:
+    """A checksum of another algorithm or length is refused, and the message lists the forms."""
+    doc = _golden_manifest(FORMAT_VERSION)
+    doc["checkpoints"][0]["files"][1]["checksum"] = checksum
+    with pytest.raises(StoreFormatError) as info:
+        loads(json.dumps(doc).encode(), path="manifest.json")
+    assert str(info.value).endswith(
+        f"checksum of state.json is {checksum!r}, not sha256:<64 hex digits> or "
+        "xxh3_128:<32 hex digits> (what manifest format_version 2 accepts)"
+    )
+
+
+def test_hashing_an_unknown_algorithm_raises_a_clear_value_error(tmp_path: Path) -> None:
+    """The file primitives refuse an algorithm they do not know, and hash with either they do."""
+    (tmp_path / "state.json").write_bytes(b"{}")
+    message = r"checksum algorithm 'md5' is not one ckptkit knows \(sha256, xxh3_128\)"
+    with pytest.raises(ValueError, match=message):
+        new_hasher("md5")
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match=message):
+            file_checksum("state.json", dir_fd=fd, algorithm="md5")
+        with pytest.raises(ValueError, match=message):
+            read_verified("state.json", dir_fd=fd, size=2, checksum="md5:" + "0" * 32)
+        for algorithm, digest in (
+            ("sha256", hashlib.sha256(b"{}").hexdigest()),
+            ("xxh3_128", xxhash.xxh3_128(b"{}").hexdigest()),
+        ):
+            assert file_checksum("state.json", dir_fd=fd, algorithm=algorithm) == (
+                2,
+                f"{algorithm}:{digest}",
+            )
+    finally:
+        os.close(fd)
+
+
 # -- the writer still writes the golden bytes ---------------------------------------------------------
 
 
 def test_writer_reproduces_the_golden_manifest_except_created(tmp_path: Path) -> None:
     """The same saves give a manifest byte-identical to the golden one but for ``created``."""
-    build_golden_store(tmp_path)
+    GOLDEN_BUILDERS[FORMAT_VERSION](tmp_path)
     written = (tmp_path / "manifest.json").read_bytes()
-    golden = (GOLDEN_V1 / "manifest.json").read_bytes()
+    golden = (GOLDEN_CURRENT / "manifest.json").read_bytes()
     assert written != _without_created(written), "no created value was masked"
     assert _without_created(written) == _without_created(golden)
 
 
 def test_writer_reproduces_the_golden_checkpoint_files_byte_for_byte(tmp_path: Path) -> None:
     """The same states give arrays.safetensors and state.json files identical to the golden ones."""
-    build_golden_store(tmp_path)
-    written, golden = _checkpoint_dirs(tmp_path), _checkpoint_dirs(GOLDEN_V1)
+    GOLDEN_BUILDERS[FORMAT_VERSION](tmp_path)
+    written, golden = _checkpoint_dirs(tmp_path), _checkpoint_dirs(GOLDEN_CURRENT)
     assert [d.name for d in written] == [d.name for d in golden]
     for new, old in zip(written, golden, strict=True):
         for name in CHECKPOINT_FILES:
@@ -332,7 +528,9 @@ def test_make_golden_writes_a_golden_store_once_and_refuses_to_overwrite(tmp_pat
     make_golden = _load_make_golden()
     target = make_golden.main(tmp_path)
     assert target == tmp_path / f"format_v{FORMAT_VERSION}"
-    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in GOLDEN_V1.iterdir())
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        p.name for p in GOLDEN_CURRENT.iterdir()
+    )
     before = (target / "manifest.json").read_bytes()
     with pytest.raises(FileExistsError, match="only ever added"):
         make_golden.main(tmp_path)
@@ -357,10 +555,11 @@ def test_state_schema_shares_the_tag_definitions_of_the_manifest_schema() -> Non
     assert value == [*MANIFEST_SCHEMA["$defs"]["value"]["anyOf"], {"$ref": "#/$defs/arrayTag"}]
 
 
-def test_golden_files_match_the_schemas() -> None:
+@every_golden_dir
+def test_golden_files_match_the_schemas(golden_dir: Path) -> None:
     """The golden manifest and every golden state.json validate against the documented schemas."""
-    _validate(MANIFEST_SCHEMA, json.loads((GOLDEN_V1 / "manifest.json").read_bytes()))
-    for directory in _checkpoint_dirs(GOLDEN_V1):
+    _validate(MANIFEST_SCHEMA, json.loads((golden_dir / "manifest.json").read_bytes()))
+    for directory in _checkpoint_dirs(golden_dir):
         _validate(STATE_SCHEMA, json.loads((directory / "state.json").read_bytes()))
 
 
@@ -432,14 +631,25 @@ def test_schema_names_exactly_the_keys_the_writer_writes(tmp_path: Path) -> None
 _metadata = st.dictionaries(keys(), state_trees(with_arrays=False, max_leaves=10), max_size=4)
 
 
+_checksums = st.one_of(
+    st.binary(min_size=32, max_size=32).map(lambda b: "sha256:" + b.hex()),
+    st.binary(min_size=16, max_size=16).map(lambda b: "xxh3_128:" + b.hex()),
+)
+
+
 @given(
     steps=st.lists(st.integers(0, 10**15), unique=True, max_size=4),
     metrics=st.dictionaries(st.text(max_size=5), floats_any_bits(), max_size=3),
     metadata=_metadata,
     pinned=st.booleans(),
+    checksum=_checksums,
 )
 def test_any_records_dump_to_a_manifest_the_schema_accepts(
-    steps: list[int], metrics: dict[str, float], metadata: dict[str, Any], pinned: bool
+    steps: list[int],
+    metrics: dict[str, float],
+    metadata: dict[str, Any],
+    pinned: bool,
+    checksum: str,
 ) -> None:
     """Whatever records the writer is given, its manifest validates and reads back as the same."""
     records = [
@@ -450,13 +660,15 @@ def test_any_records_dump_to_a_manifest_the_schema_accepts(
             pinned=pinned,
             metrics=metrics,
             metadata=metadata,
-            files=(FileEntry(name="state.json", size=i, checksum="sha256:" + "0f" * 32),),
+            files=(FileEntry(name="state.json", size=i, checksum=checksum),),
         )
         for i, step in enumerate(steps)
     ]
     data = dumps(records)
     _validate(MANIFEST_SCHEMA, json.loads(data))
-    assert [r.step for r in loads(data, path="manifest.json")] == sorted(steps)
+    read = loads(data, path="manifest.json")
+    assert [r.step for r in read] == sorted(steps)
+    assert all(f.checksum == checksum for r in read for f in r.files)
 
 
 @given(state_trees())
@@ -486,9 +698,24 @@ def _delete(path: tuple[str | int, ...]) -> Callable[[dict[str, Any]], None]:
     return mutate
 
 
+def _then(*changes: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        for change in changes:
+            change(doc)
+
+    return mutate
+
+
+def _sha256_everywhere(doc: dict[str, Any]) -> None:
+    for entry in _manifest_files(doc):
+        entry["checksum"] = "sha256:" + hashlib.sha256(entry["checksum"].encode()).hexdigest()
+
+
 _RECORD = ("checkpoints", 1)
 _FILE = (*_RECORD, "files", 0)
 _META = (*_RECORD, "metadata")
+_CHECKSUM = (*_FILE, "checksum")
+_VERSION_1 = _set(("format_version",), 1)
 
 #: (id, change to the golden manifest, whether the reader accepts the result).
 MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], None], bool]] = [
@@ -536,8 +763,24 @@ MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], None], bool]] = [
     ("unknown-dtype-scalar", _set(_META, {"a": {"$scalar": ["F128", 1.5]}}), False),
     ("unknown-file", _set((*_FILE, "name"), "model.bin"), False),
     ("negative-size", _set((*_FILE, "size"), -1), False),
-    ("md5-checksum", _set((*_FILE, "checksum"), "md5:" + "0" * 32), False),
-    ("uppercase-checksum", _set((*_FILE, "checksum"), "sha256:" + "A" * 64), False),
+    ("sha256-checksum", _set(_CHECKSUM, "sha256:" + "0" * 64), True),
+    ("version-1-all-sha256", _then(_VERSION_1, _sha256_everywhere), True),
+    ("version-1-with-xxh3", _VERSION_1, False),
+    (
+        "version-1-one-xxh3",
+        _then(_VERSION_1, _sha256_everywhere, _set(_CHECKSUM, "xxh3_128:" + "0" * 32)),
+        False,
+    ),
+    ("md5-checksum", _set(_CHECKSUM, "md5:" + "0" * 32), False),
+    ("xxh3_64-checksum", _set(_CHECKSUM, "xxh3_64:" + "0" * 16), False),
+    ("uppercase-checksum", _set(_CHECKSUM, "sha256:" + "A" * 64), False),
+    ("uppercase-xxh3-checksum", _set(_CHECKSUM, "xxh3_128:" + "A" * 32), False),
+    ("uppercase-algorithm", _set(_CHECKSUM, "XXH3_128:" + "0" * 32), False),
+    ("short-xxh3-checksum", _set(_CHECKSUM, "xxh3_128:" + "0" * 31), False),
+    ("long-xxh3-checksum", _set(_CHECKSUM, "xxh3_128:" + "0" * 64), False),
+    ("short-sha256-checksum", _set(_CHECKSUM, "sha256:" + "0" * 32), False),
+    ("two-checksums", _set(_CHECKSUM, "sha256:" + "0" * 64 + "xxh3_128:" + "0" * 32), False),
+    ("bare-digest", _set(_CHECKSUM, "0" * 32), False),
     ("no-files", _delete((*_RECORD, "files")), False),
 ]
 
@@ -547,7 +790,7 @@ MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], None], bool]] = [
 )
 def test_schema_and_reader_agree(change: Callable[[dict[str, Any]], None], accepted: bool) -> None:
     """A changed manifest passes the schema exactly when ckptkit's reader accepts it."""
-    doc = json.loads((GOLDEN_V1 / "manifest.json").read_bytes())
+    doc = _golden_manifest(FORMAT_VERSION)
     change(doc)
     data = json.dumps(doc).encode("ascii")
     if accepted:

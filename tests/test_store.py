@@ -26,6 +26,7 @@ from ckptkit import (
     StoreFormatError,
     UnsupportedStateError,
 )
+from ckptkit._manifest import FORMAT_VERSION
 from tests.strategies import assert_same_state, state_trees
 
 
@@ -42,7 +43,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert rec.step == 3 and rec.metrics["val_loss"] == 0.25 and math.isnan(rec.metrics["bad"])
     assert rec.metadata == {"note": "x"}
     assert {f.name for f in rec.files} == {"arrays.safetensors", "state.json"}
-    assert all(f.checksum.startswith("sha256:") and f.size > 0 for f in rec.files)
+    assert all(f.checksum.startswith("xxh3_128:") and f.size > 0 for f in rec.files)
     loaded = store.load(3)
     assert loaded["meta"] == {"step": 3, "t": (1, 2.5)}
     np.testing.assert_array_equal(loaded["w"], state_for(3)["w"])
@@ -67,7 +68,7 @@ def test_manifest_is_deterministic_json_without_bare_nan(tmp_path: Path) -> None
     store.save(1, {}, metrics={"a": math.inf, "b": -math.inf, "c": math.nan, "d": 1.5})
     text = store.manifest_path.read_text()
     doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in manifest"))
-    assert doc["format_version"] == 1
+    assert doc["format_version"] == FORMAT_VERSION == 2
     assert doc["checkpoints"][0]["metrics"] == {
         "a": "Infinity",
         "b": "-Infinity",

@@ -277,6 +277,16 @@ def _decode_header(raw: bytes, source: str) -> dict[str, object]:
     return header
 
 
+#: numpy's limits on an array: dimensions, and bytes (its index type is signed 64-bit).
+_MAX_DIMS = 64
+_MAX_ARRAY_BYTES = 1 << 63
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _tensor_info(
     name: str, info: object, data_size: int, source: str
 ) -> tuple[str, tuple[int, ...], int, int]:
@@ -284,7 +294,7 @@ def _tensor_info(
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise _corrupt(source, f"{where}: entry must be an object of dtype, shape, data_offsets")
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if code in _PACKED_CODES:
+    if isinstance(code, str) and code in _PACKED_CODES:
         raise UnsupportedStateError(
             f"{source}: {where} has packed sub-byte dtype {code}, which numpy cannot view; "
             "read it with the safetensors package of your framework"
@@ -292,7 +302,7 @@ def _tensor_info(
     if not isinstance(code, str) or code not in _CODE_TO_NAME:
         raise _corrupt(source, f"{where}: unknown dtype {code!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _corrupt(source, f"{where}: shape {shape!r} is not a list of non-negative ints")
+        raise _corrupt(source, f"{where}: shape {_short(shape)} is not a list of non-negative ints")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -308,8 +318,13 @@ def _tensor_info(
         raise _corrupt(
             source,
             f"{where}: {end - begin} bytes at data_offsets {offsets!r}, but dtype {code} "
-            f"and shape {shape!r} need {expected}",
+            f"and shape {_short(shape)} need {expected}",
         )
+    # With a zero dimension the sizes agree whatever the others are; numpy still refuses these.
+    if len(shape) > _MAX_DIMS:
+        raise _corrupt(source, f"{where}: {len(shape)} dimensions, more than numpy's {_MAX_DIMS}")
+    if math.prod(d for d in shape if d) * numpy_dtype(code).itemsize >= _MAX_ARRAY_BYTES:
+        raise _corrupt(source, f"{where}: shape {_short(shape)} is too large for any array")
     return code, tuple(shape), begin, end
 
 

@@ -246,7 +246,12 @@ class _Decoder:
             ok = type(value) is float and code != "C64"
         if not ok:
             raise self._corrupt(path, f"malformed {code} scalar value {value!r}")
-        return dtype.type(value)
+        with np.errstate(over="ignore"):
+            scalar: np.generic = dtype.type(value)
+        if type(value) is float and float(scalar) != value:
+            # The writer writes a float scalar as the exact value it holds.
+            raise self._corrupt(path, f"{code} scalar value {value!r} is not a {code} value")
+        return scalar
 
     def _array(self, name: str, path: _Path) -> np.ndarray:
         if self._arrays is None:

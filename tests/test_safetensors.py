@@ -161,13 +161,28 @@ class _RecordingWriter:
         return len(chunk)
 
 
-def test_writer_streams_one_tensor_at_a_time() -> None:
-    """Each write call carries the length prefix, the header, or a single tensor's bytes."""
-    tensors = {"a": np.zeros(1000, np.float32), "b": np.zeros(10, np.int8), "e": np.zeros(0)}
+def test_writer_gathers_small_tensors_and_streams_large_ones() -> None:
+    """Small tensors share one write with the header; a large tensor is written from its memory."""
+    small = {"a": np.zeros(1000, np.float32), "b": np.zeros(10, np.int8), "e": np.zeros(0)}
     sink = _RecordingWriter(limit=1 << 30)
-    write_safetensors(sink, tensors)
-    assert len(sink.calls) == 4
-    assert sink.calls[0] == 8 and sink.calls[2:] == [4000, 10]
+    size = write_safetensors(sink, small)
+    assert sink.calls == [size]
+
+    big = np.arange(1 << 18, dtype=np.float64)  # 2 MiB, over the 1 MiB gathering threshold
+    sink = _RecordingWriter(limit=1 << 30)
+    size = write_safetensors(sink, {**small, "big": big})
+    assert len(sink.calls) == 3 and sink.calls[1] == big.nbytes
+    assert sum(sink.calls) == size
+    arrays, _ = parse_safetensors(bytes(sink.data), source="mem")
+    np.testing.assert_array_equal(arrays["big"], big)
+    np.testing.assert_array_equal(arrays["a"], small["a"])
+
+    many = {f"t{i:03d}": np.full(4096, i, np.float64) for i in range(100)}  # 32 KiB each
+    sink = _RecordingWriter(limit=1 << 30)
+    size = write_safetensors(sink, many)
+    assert len(sink.calls) <= 4 and sum(sink.calls) == size
+    arrays, _ = parse_safetensors(bytes(sink.data), source="mem")
+    assert all(arrays[f"t{i:03d}"][0] == i for i in range(100))
 
 
 def test_short_writes_are_retried_until_complete() -> None:

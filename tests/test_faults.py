@@ -112,7 +112,7 @@ def test_failure_while_deleting_retention_victims_keeps_the_commit(
         real_unlink(path, *a, **k)
 
     monkeypatch.setattr(os, "unlink", failing_unlink)
-    with pytest.raises(StoreWriteError, match="saving step 1 was committed, but .*injected") as e:
+    with pytest.raises(StoreWriteError, match=r"saving step 1 was committed, but .*injected") as e:
         store.save(1, {"w": np.ones(3)})
     assert e.value.errno == errno.EIO
     monkeypatch.setattr(os, "unlink", real_unlink)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ckptkit import _fsio, _manifest
 from ckptkit._manifest import CHECKPOINT_DIR, CHECKPOINT_FILES, MANIFEST_NAME
+from ckptkit._progress import Update
 from ckptkit._record import CheckpointRecord, FileEntry
 from ckptkit._safetensors import write_safetensors
 
@@ -22,7 +23,11 @@ logger = logging.getLogger("ckptkit")
 
 
 def write_directory(
-    root: Path, step: int, arrays: Mapping[str, np.ndarray], state_bytes: bytes
+    root: Path,
+    step: int,
+    arrays: Mapping[str, np.ndarray],
+    state_bytes: bytes,
+    progress: Update | None = None,
 ) -> tuple[str, tuple[FileEntry, ...]]:
     """Write a checkpoint's files into a temporary directory, then rename it into place.
 
@@ -33,7 +38,7 @@ def write_directory(
     tmp = root / _fsio.temp_name()
     os.mkdir(tmp)
     try:
-        writer = _fsio.HashingWriter(tmp / "arrays.safetensors")
+        writer = _fsio.HashingWriter(tmp / "arrays.safetensors", progress=progress)
         try:
             write_safetensors(writer, arrays)
             writer.commit()

@@ -18,6 +18,7 @@ import numpy as np
 
 from ckptkit import _fsio
 from ckptkit._errors import CorruptCheckpointError, TensorNotFoundError
+from ckptkit._progress import Update
 from ckptkit._record import CheckpointRecord
 from ckptkit._safetensors import TensorSlot, parse_safetensors, read_layout, tensor_from_bytes
 from ckptkit._tree import unflatten_state
@@ -44,7 +45,14 @@ def _open_directory(root: Path, record: CheckpointRecord) -> int:
         raise _corrupt(path, e, record.step) from None
 
 
-def read_state(root: Path, record: CheckpointRecord, *, verify: bool, mmap: bool = False) -> Any:
+def read_state(
+    root: Path,
+    record: CheckpointRecord,
+    *,
+    verify: bool,
+    mmap: bool = False,
+    progress: Update | None = None,
+) -> Any:
     """Read, check and decode one checkpoint's files.
 
     Sizes are always checked against the manifest and checksums when ``verify`` is true. Each
@@ -76,16 +84,20 @@ def read_state(root: Path, record: CheckpointRecord, *, verify: bool, mmap: bool
     try:
         for name in ("arrays.safetensors", "state.json"):
             entry = entries[name]
-            read = (
-                _fsio.map_verified if mmap and name == "arrays.safetensors" else _fsio.read_verified
-            )
+            checksum = entry.checksum if verify else None
             try:
-                buffers[name] = read(
-                    name,
-                    dir_fd=dir_fd,
-                    size=entry.size,
-                    checksum=entry.checksum if verify else None,
-                )
+                if name != "arrays.safetensors":
+                    buffers[name] = _fsio.read_verified(
+                        name, dir_fd=dir_fd, size=entry.size, checksum=checksum
+                    )
+                elif mmap:
+                    buffers[name] = _fsio.map_verified(
+                        name, dir_fd=dir_fd, size=entry.size, checksum=checksum
+                    )
+                else:
+                    buffers[name] = _fsio.read_verified(
+                        name, dir_fd=dir_fd, size=entry.size, checksum=checksum, progress=progress
+                    )
             except ValueError as e:
                 raise _corrupt(directory / name, e, record.step) from None
     finally:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import filelock
 import numpy as np
 
-from ckptkit import _async
+from ckptkit import _async, _progress
 from ckptkit._async import PendingSave
 from ckptkit._commit import commit_manifest, delete_checkpoints, sweep, write_directory
 from ckptkit._errors import (
@@ -94,6 +94,8 @@ class CheckpointStore(StoreReader):
         mode: ``"min"``, ``"max"``, or ``"auto"`` to infer it from the monitor's name.
         keep_every: keep every step divisible by this.
         lock_timeout: seconds to wait for another process's lock before raising.
+        progress: show a progress bar (``tqdm``, the ``progress`` extra) on stderr while
+            saving or loading a state of 64 MiB or more.
 
     Example:
         >>> store = CheckpointStore(tmp, keep_last=2, keep_best=1, monitor="val_loss")
@@ -111,6 +113,7 @@ class CheckpointStore(StoreReader):
         mode: Literal["min", "max", "auto"] = "auto",
         keep_every: int | None = None,
         lock_timeout: float = 60.0,
+        progress: bool = False,
     ) -> None:
         resolved: Mode = (
             "min" if monitor is None and mode == "auto" else resolve_mode(mode, monitor)
@@ -128,11 +131,14 @@ class CheckpointStore(StoreReader):
             or not lock_timeout >= 0
         ):
             raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
+        if progress:
+            _progress.require_tqdm()
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise NotADirectoryError(f"{self.root}: a store's root must be a directory, not a file")
         self.root.mkdir(parents=True, exist_ok=True)
         self.lock_timeout = float(lock_timeout)
+        self.progress = bool(progress)
         self._lock = filelock.FileLock(self.root / LOCK_NAME, timeout=self.lock_timeout)
         # A count per step, so protections from different reasons nest.
         self._protected: Counter[int] = Counter()
@@ -281,7 +287,11 @@ class CheckpointStore(StoreReader):
                     f"{self.root}: step {step} is already committed ({old.directory}); pass "
                     "overwrite=True to replace it atomically, or save under another step"
                 )
-            directory, files = write_directory(self.root, step, job.arrays, job.state_bytes)
+            total = sum(a.nbytes for a in job.arrays.values())
+            with _progress.bar(self.progress, total, f"saving step {step}") as update:
+                directory, files = write_directory(
+                    self.root, step, job.arrays, job.state_bytes, update
+                )
             record = CheckpointRecord(
                 step=step,
                 metrics=job.metrics,

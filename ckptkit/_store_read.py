@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from ckptkit import _fsio, _manifest
+from ckptkit import _fsio, _manifest, _progress
 from ckptkit._errors import CheckpointNotFoundError, CorruptCheckpointError, StoreFormatError
 from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode
@@ -62,6 +62,7 @@ class StoreReader:
 
     root: Path
     retention: RetentionPolicy
+    progress: bool
 
     @property
     def monitor(self) -> str | None:
@@ -263,9 +264,11 @@ class StoreReader:
         )
 
     def _read(self, record: CheckpointRecord, *, verify: bool, mmap: bool = False) -> Any:
-        state = self._guard_concurrent(
-            record, read_state, self.root, record, verify=verify, mmap=mmap
-        )
+        size = next((f.size for f in record.files if f.name == "arrays.safetensors"), 0)
+        with _progress.bar(self.progress and not mmap, size, f"loading step {record.step}") as up:
+            state = self._guard_concurrent(
+                record, read_state, self.root, record, verify=verify, mmap=mmap, progress=up
+            )
         if not verify and self._changed(record):
             # Without checksums, files of the same sizes saved again under the same directory
             # name would pass unnoticed; the manifest, unchanged after the read, rules that out

@@ -20,7 +20,14 @@ from ckptkit import _fsio
 from ckptkit._errors import CorruptCheckpointError, TensorNotFoundError
 from ckptkit._progress import Update
 from ckptkit._record import CheckpointRecord
-from ckptkit._safetensors import TensorSlot, parse_safetensors, read_layout, tensor_from_bytes
+from ckptkit._safetensors import (
+    TensorSlot,
+    no_duplicate_keys,
+    parse_safetensors,
+    read_layout,
+    reject_constant,
+    tensor_from_bytes,
+)
 from ckptkit._tree import unflatten_state
 
 STATE_FORMAT_VERSION = 1
@@ -104,7 +111,13 @@ def read_state(
         os.close(dir_fd)
     state_path = directory / "state.json"
     try:
-        doc = json.loads(bytes(buffers["state.json"]))
+        # The writer never writes bare NaN/Infinity or a key twice (json.loads would keep the
+        # last of two), so either means the file is not what was written.
+        doc = json.loads(
+            bytes(buffers["state.json"]),
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=reject_constant,
+        )
     except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{state_path}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or "tree" not in doc:

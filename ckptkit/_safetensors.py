@@ -232,11 +232,11 @@ def _corrupt(source: str, what: str) -> CorruptCheckpointError:
     )
 
 
-def _reject_constant(token: str) -> object:
+def reject_constant(token: str) -> object:
     raise ValueError(f"non-standard JSON token {token}")
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     # json.loads would silently keep the last of two same-named tensors.
     result: dict[str, object] = {}
     for key, value in pairs:
@@ -268,7 +268,7 @@ def _check_header_length(n: int, file_size: int, source: str) -> None:
 def _decode_header(raw: bytes, source: str) -> dict[str, object]:
     try:
         header = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+            raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys, parse_constant=reject_constant
         )
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
         raise _corrupt(source, f"header is not valid UTF-8 JSON ({e})") from e

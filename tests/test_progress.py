@@ -20,7 +20,7 @@ def test_a_large_save_and_load_show_a_bar_on_stderr(
     big = np.arange(MIN_BYTES // 8 + 1, dtype=np.float64)
     store.save(0, {"w": big})
     saved = capsys.readouterr().err
-    assert "saving step 0" in saved and "MB" in saved
+    assert "saving step 0" in saved and "64.0M" in saved
     loaded = store.load(0)
     assert "loading step 0" in capsys.readouterr().err
     np.testing.assert_array_equal(loaded["w"], big)

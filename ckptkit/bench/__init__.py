@@ -1,4 +1,4 @@
-"""Benchmarks of ckptkit against the disk, ``torch.save`` and safetensors (issue 6).
+"""Benchmarks of ckptkit against the disk, ``torch.save`` and safetensors.
 
 Run ``python -m ckptkit.bench --help``. Every method is measured side by side on the same data,
 alternating the order round by round, and compared as a ratio to a reference measured in the

@@ -1,4 +1,4 @@
-"""Rows of results, the issue's targets, and the text table and JSON (the chart: ``_chart``)."""
+"""Rows of results, ckptkit's performance targets, and the text table and JSON (the chart: ``_chart``)."""
 
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ LEGEND = [
     "write+fsync of the same bytes; st: safetensors load_file, or safe_open for partial reads;",
     "copy: np.copyto into reused buffers; st+commit: safetensors save_file+fsync plus one atomic",
     "manifest commit); extra MiB: peak resident memory above the baseline in a fresh process",
-    "(in brackets: copies of the bytes read); target and result: the targets of issue 6.",
+    "(in brackets: copies of the bytes read); target and result: ckptkit's performance targets.",
 ]
 
 

@@ -1,0 +1,131 @@
+"""The store's lock, the translation of disk errors, and the sweep of crash leftovers.
+
+Every change to a store (save, pin, unpin, prune) runs inside :meth:`StoreLocking._writing`:
+under the store's file lock, with any ``OSError`` turned into a ``StoreWriteError`` whose message
+says whether the change reached the manifest. Opening a store sweeps what crashed writers left,
+but only when the lock is free at once, so a live writer's temporaries are never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import filelock
+
+from ckptkit._commit import sweep
+from ckptkit._errors import CkptkitError, LockTimeoutError, StoreWriteError
+from ckptkit._store_read import StoreReader
+
+LOCK_NAME = ".ckptkit.lock"
+
+
+class _Unread:
+    """The manifest was not read yet when a change failed (so nothing was committed)."""
+
+
+_UNREAD = _Unread()
+
+
+class StoreLocking(StoreReader):
+    """Locking, disk-error messages and the sweep; ``CheckpointStore`` adds the changes."""
+
+    lock_timeout: float
+    _lock: filelock.BaseFileLock
+
+    # -- locking and crash recovery ---------------------------------------------------------
+
+    @contextmanager
+    def _writing(self, action: str) -> Iterator[None]:
+        """Hold the lock for a change to the store; turn disk errors into ``StoreWriteError``.
+
+        The message says whether the change reached the manifest (the commit point), found by
+        comparing the manifest before and after the failure.
+        """
+        before: bytes | _Unread | None = _UNREAD
+        try:
+            with self._locked():
+                before = self._manifest_bytes()
+                yield
+        except CkptkitError:
+            raise
+        except OSError as e:
+            raise StoreWriteError(e.errno, self._write_error(e, action, before)) from e
+
+    def _manifest_bytes(self) -> bytes | None:
+        try:
+            return self.manifest_path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _write_error(self, e: OSError, action: str, before: bytes | _Unread | None) -> str:
+        reason = e.strerror or str(e)
+        if e.filename is not None:
+            reason += f" ({e.filename})"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            advice = (
+                "free disk space outside the store, then try again (a full disk also blocks "
+                "pruning, which writes a new manifest first); keep fewer checkpoints to stay "
+                "under the space there is"
+            )
+        elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            advice = (
+                "the store is read-only or not writable by this user: loading works, but "
+                "changes need a writable root"
+            )
+        else:
+            advice = "check the disk, then try again"
+        try:
+            committed = before is not _UNREAD and self._manifest_bytes() != before
+        except OSError:
+            return (
+                f"{self.root}: {action} failed: {reason}, and the manifest cannot be read "
+                f"back to tell whether it was committed; {advice}"
+            )
+        if committed:
+            return (
+                f"{self.root}: {action} was committed, but a later step failed: {reason}; "
+                f"every listed checkpoint is whole; {advice}"
+            )
+        return (
+            f"{self.root}: {action} failed: {reason}; nothing was committed and the previous "
+            f"checkpoints are intact; {advice}"
+        )
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise LockTimeoutError(
+                f"{self.root}: another process held the store's lock ({self._lock.lock_file}) "
+                f"for more than lock_timeout={self.lock_timeout} s; raise lock_timeout, or find "
+                "what else is writing to this store"
+            ) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _sweep(self) -> None:
+        """Remove what crashed writers left, if the lock is free right now.
+
+        Under the lock no live writer is between its first write and its commit, so what the
+        sweep finds is a crash's. If another process holds the lock, opening does not wait for
+        it: its leftovers (if any) are swept by a later open.
+        """
+        if not os.access(self.root, os.W_OK):
+            return  # a read-only store: nothing can have been left by a writer here
+        try:
+            self._lock.acquire(blocking=False)
+        except filelock.Timeout:
+            return
+        try:
+            listed = None
+            if self.manifest_path.exists():
+                listed = {r.directory for r in self.records()}
+            sweep(self.root, listed)
+        finally:
+            self._lock.release()

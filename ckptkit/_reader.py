@@ -20,7 +20,7 @@ from ckptkit import _fsio
 from ckptkit._errors import CorruptCheckpointError, TensorNotFoundError
 from ckptkit._progress import Update
 from ckptkit._record import CheckpointRecord
-from ckptkit._safetensors import (
+from ckptkit._safetensors_read import (
     TensorSlot,
     no_duplicate_keys,
     parse_safetensors,

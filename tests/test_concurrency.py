@@ -39,7 +39,7 @@ from ckptkit import (
     _manifest,
 )
 from ckptkit._manifest import CHECKPOINT_FILES
-from ckptkit._safetensors import parse_safetensors
+from ckptkit._safetensors_read import parse_safetensors
 from ckptkit._store import LOCK_NAME
 from tests.helpers.stress_worker import check_state, expected_loss, expected_state, record_to_json
 

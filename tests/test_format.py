@@ -38,7 +38,8 @@ from ckptkit import (
 )
 from ckptkit._fsio import CHECKSUM_ALGORITHM, file_checksum, new_hasher, read_verified
 from ckptkit._manifest import CHECKSUM_FORMS, FORMAT_VERSION, dumps, loads
-from ckptkit._safetensors import _CODE_TO_NAME, numpy_dtype, parse_safetensors
+from ckptkit._safetensors import _CODE_TO_NAME, numpy_dtype
+from ckptkit._safetensors_read import parse_safetensors
 from ckptkit._tree import flatten_state
 from tests.strategies import assert_same_state, floats_any_bits, keys, state_trees
 

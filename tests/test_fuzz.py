@@ -47,7 +47,8 @@ from ckptkit import (
     UnsupportedStateError,
 )
 from ckptkit._manifest import dumps, loads
-from ckptkit._safetensors import numpy_dtype, parse_safetensors
+from ckptkit._safetensors import numpy_dtype
+from ckptkit._safetensors_read import parse_safetensors
 from tests.strategies import DTYPE_CODES, assert_same_state
 
 #: Examples of the store fuzz test; the parser tests run ``PARSER_FACTOR`` times as many.

@@ -21,9 +21,9 @@ from ckptkit._safetensors import (
     MAX_HEADER_BYTES,
     dtype_code,
     numpy_dtype,
-    parse_safetensors,
     write_safetensors,
 )
+from ckptkit._safetensors_read import parse_safetensors
 from tests.strategies import DTYPE_CODES, arrays, assert_same_state
 
 # The dtypes safetensors.numpy itself can turn into numpy arrays.

@@ -17,7 +17,8 @@ import safetensors.numpy
 from hypothesis import given
 
 from ckptkit import CorruptCheckpointError, UnsupportedStateError
-from ckptkit._safetensors import parse_safetensors, write_safetensors
+from ckptkit._safetensors import write_safetensors
+from ckptkit._safetensors_read import parse_safetensors
 from ckptkit._tree import decode_json_value, encode_json_value, flatten_state, unflatten_state
 from tests.strategies import DTYPE_CODES, assert_same_state, numpy_scalars, state_trees
 

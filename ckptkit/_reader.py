@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptkit import _fsio
+from ckptkit import _fsread
 from ckptkit._errors import CorruptCheckpointError, TensorNotFoundError
 from ckptkit._progress import Update
 from ckptkit._record import CheckpointRecord
@@ -47,8 +47,8 @@ def _corrupt(path: Path, problem: object, step: int) -> CorruptCheckpointError:
 def _open_directory(root: Path, record: CheckpointRecord) -> int:
     path = root / record.directory
     try:
-        return _fsio.open_directory(path)
-    except _fsio.UnsafeFileError as e:
+        return _fsread.open_directory(path)
+    except _fsread.UnsafeFileError as e:
         raise _corrupt(path, e, record.step) from None
 
 
@@ -94,15 +94,15 @@ def read_state(
             checksum = entry.checksum if verify else None
             try:
                 if name != "arrays.safetensors":
-                    buffers[name] = _fsio.read_verified(
+                    buffers[name] = _fsread.read_verified(
                         name, dir_fd=dir_fd, size=entry.size, checksum=checksum
                     )
                 elif mmap:
-                    buffers[name] = _fsio.map_verified(
+                    buffers[name] = _fsread.map_verified(
                         name, dir_fd=dir_fd, size=entry.size, checksum=checksum
                     )
                 else:
-                    buffers[name] = _fsio.read_verified(
+                    buffers[name] = _fsread.read_verified(
                         name, dir_fd=dir_fd, size=entry.size, checksum=checksum, progress=progress
                     )
             except ValueError as e:
@@ -155,8 +155,8 @@ def read_tensors(
     dir_fd = _open_directory(root, record)
     try:
         try:
-            fd = _fsio.open_regular("arrays.safetensors", dir_fd=dir_fd)
-        except _fsio.UnsafeFileError as e:
+            fd = _fsread.open_regular("arrays.safetensors", dir_fd=dir_fd)
+        except _fsread.UnsafeFileError as e:
             raise _corrupt(path, e, record.step) from None
     finally:
         os.close(dir_fd)
@@ -180,7 +180,7 @@ def read_tensors(
         out = {}
         for key in wanted:
             _, code, shape, begin, end = by_name[key]
-            buf = _fsio.pread_exactly(fd, end - begin, data_start + begin)
+            buf = _fsread.pread_exactly(fd, end - begin, data_start + begin)
             out[key] = tensor_from_bytes(buf, code, shape)
         return out
     finally:
@@ -194,8 +194,8 @@ def read_layout_of(root: Path, record: CheckpointRecord) -> list[TensorSlot]:
     dir_fd = _open_directory(root, record)
     try:
         try:
-            fd = _fsio.open_regular("arrays.safetensors", dir_fd=dir_fd)
-        except _fsio.UnsafeFileError as e:
+            fd = _fsread.open_regular("arrays.safetensors", dir_fd=dir_fd)
+        except _fsread.UnsafeFileError as e:
             raise _corrupt(path, e, record.step) from None
     finally:
         os.close(dir_fd)
@@ -219,14 +219,14 @@ def verify_files(root: Path, record: CheckpointRecord) -> None:
         for entry in record.files:
             path = directory / entry.name
             try:
-                size, checksum = _fsio.file_checksum(
+                size, checksum = _fsread.file_checksum(
                     entry.name, dir_fd=dir_fd, algorithm=entry.checksum.partition(":")[0]
                 )
             except FileNotFoundError:
                 raise CorruptCheckpointError(
                     f"{path}: file of step {record.step} is missing"
                 ) from None
-            except _fsio.UnsafeFileError as e:
+            except _fsread.UnsafeFileError as e:
                 raise _corrupt(path, e, record.step) from None
             if (size, checksum) != (entry.size, entry.checksum):
                 what = "size" if size != entry.size else "checksum"

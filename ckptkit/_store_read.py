@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from ckptkit import _fsio, _manifest, _progress
+from ckptkit import _fsread, _manifest, _progress
 from ckptkit._errors import CheckpointNotFoundError, CorruptCheckpointError, StoreFormatError
 from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode
@@ -82,7 +82,7 @@ class StoreReader:
         """Every committed checkpoint, sorted by step (read fresh from the manifest)."""
         path = self.manifest_path
         try:
-            data = _fsio.read_capped(path, cap=_manifest.MAX_MANIFEST_BYTES)
+            data = _fsread.read_capped(path, cap=_manifest.MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             return []
         except ValueError as e:  # a link, a special file, or over the cap

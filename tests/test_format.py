@@ -36,7 +36,8 @@ from ckptkit import (
     FileEntry,
     StoreFormatError,
 )
-from ckptkit._fsio import CHECKSUM_ALGORITHM, file_checksum, new_hasher, read_verified
+from ckptkit._fsio import CHECKSUM_ALGORITHM, new_hasher
+from ckptkit._fsread import file_checksum, read_verified
 from ckptkit._manifest import CHECKSUM_FORMS, FORMAT_VERSION, dumps, loads
 from ckptkit._safetensors import _CODE_TO_NAME, numpy_dtype
 from ckptkit._safetensors_read import parse_safetensors

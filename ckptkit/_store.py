@@ -267,8 +267,7 @@ class CheckpointStore(StoreLocking):
         """The commit protocol, under the lock (see the module docstring)."""
         step = job.step
         started = time.perf_counter()
-        with self._writing(f"saving step {step}"):
-            records = self.records()
+        with self._writing(f"saving step {step}") as records:
             old = next((r for r in records if r.step == step), None)
             if old is not None and not job.overwrite:
                 raise CheckpointExistsError(
@@ -331,8 +330,7 @@ class CheckpointStore(StoreLocking):
 
     def _set_pinned(self, step: int, pinned: bool) -> CheckpointRecord:
         self.wait()
-        with self._writing(f"{'pinning' if pinned else 'unpinning'} step {step}"):
-            records = self.records()
+        with self._writing(f"{'pinning' if pinned else 'unpinning'} step {step}") as records:
             target = self._select(records, check_step(step))
             updated = replace(target, pinned=pinned)
             commit_manifest(self.root, [updated if r.step == target.step else r for r in records])
@@ -356,8 +354,7 @@ class CheckpointStore(StoreLocking):
     def prune(self, *, dry_run: bool = False) -> RetentionPlan:
         """Apply retention now (it otherwise runs after each save); return what it decided."""
         self.wait()
-        with self._writing("pruning"):
-            records = self.records()
+        with self._writing("pruning") as records:
             plan = self.retention.select(records, protected=self._protected)
             if not dry_run and plan.delete:
                 logger.info("%s: prune deletes steps %s", self.root, sorted(plan.delete))

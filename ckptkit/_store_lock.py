@@ -17,6 +17,7 @@ import filelock
 
 from ckptkit._commit import sweep
 from ckptkit._errors import CkptkitError, LockTimeoutError, StoreWriteError
+from ckptkit._record import CheckpointRecord
 from ckptkit._store_read import StoreReader
 
 LOCK_NAME = ".ckptkit.lock"
@@ -38,27 +39,22 @@ class StoreLocking(StoreReader):
     # -- locking and crash recovery ---------------------------------------------------------
 
     @contextmanager
-    def _writing(self, action: str) -> Iterator[None]:
+    def _writing(self, action: str) -> Iterator[list[CheckpointRecord]]:
         """Hold the lock for a change to the store; turn disk errors into ``StoreWriteError``.
 
-        The message says whether the change reached the manifest (the commit point), found by
-        comparing the manifest before and after the failure.
+        Yields the committed records, read under the lock. The message of a failure says
+        whether the change reached the manifest (the commit point), found by comparing the
+        manifest before and after it.
         """
         before: bytes | _Unread | None = _UNREAD
         try:
             with self._locked():
-                before = self._manifest_bytes()
-                yield
+                before = self._read_manifest()
+                yield self._parse_manifest(before)
         except CkptkitError:
             raise
         except OSError as e:
             raise StoreWriteError(e.errno, self._write_error(e, action, before)) from e
-
-    def _manifest_bytes(self) -> bytes | None:
-        try:
-            return self.manifest_path.read_bytes()
-        except FileNotFoundError:
-            return None
 
     def _write_error(self, e: OSError, action: str, before: bytes | _Unread | None) -> str:
         reason = e.strerror or str(e)
@@ -78,8 +74,8 @@ class StoreLocking(StoreReader):
         else:
             advice = "check the disk, then try again"
         try:
-            committed = before is not _UNREAD and self._manifest_bytes() != before
-        except OSError:
+            committed = before is not _UNREAD and self._read_manifest() != before
+        except (OSError, CkptkitError):
             return (
                 f"{self.root}: {action} failed: {reason}, and the manifest cannot be read "
                 f"back to tell whether it was committed; {advice}"

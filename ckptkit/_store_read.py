@@ -80,16 +80,22 @@ class StoreReader:
 
     def records(self) -> list[CheckpointRecord]:
         """Every committed checkpoint, sorted by step (read fresh from the manifest)."""
+        return self._parse_manifest(self._read_manifest())
+
+    def _read_manifest(self) -> bytes | None:
+        """The manifest's bytes (None when there is none), read as untrusted input."""
         path = self.manifest_path
         try:
-            data = _fsread.read_capped(path, cap=_manifest.MAX_MANIFEST_BYTES)
+            return _fsread.read_capped(path, cap=_manifest.MAX_MANIFEST_BYTES)
         except FileNotFoundError:
-            return []
+            return None
         except ValueError as e:  # a link, a special file, or over the cap
             raise StoreFormatError(
                 f"{path}: the manifest {e}; restore manifest.json from a copy"
             ) from None
-        return _manifest.loads(data, path=str(path))
+
+    def _parse_manifest(self, data: bytes | None) -> list[CheckpointRecord]:
+        return [] if data is None else _manifest.loads(data, path=str(self.manifest_path))
 
     def __contains__(self, step: object) -> bool:
         return any(r.step == step for r in self.records())

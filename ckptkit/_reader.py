@@ -147,25 +147,8 @@ def read_tensors(
     """
     if verify:
         verify_files(root, record)
-    directory = root / record.directory
-    path = directory / "arrays.safetensors"
-    entry = next((f for f in record.files if f.name == "arrays.safetensors"), None)
-    if entry is None:
-        raise _corrupt(path, "the manifest lists no arrays.safetensors", record.step)
-    dir_fd = _open_directory(root, record)
+    fd, path, size = _open_arrays(root, record)
     try:
-        try:
-            fd = _fsread.open_regular("arrays.safetensors", dir_fd=dir_fd)
-        except _fsread.UnsafeFileError as e:
-            raise _corrupt(path, e, record.step) from None
-    finally:
-        os.close(dir_fd)
-    try:
-        size = os.fstat(fd).st_size
-        if size != entry.size:
-            raise _corrupt(
-                path, f"size is {size} bytes, the manifest says {entry.size}", record.step
-            )
         slots, data_start = read_layout(fd, size, source=str(path))
         by_name = {slot[0]: slot for slot in slots}
         wanted = list(by_name) if keys is None else list(keys)
@@ -189,20 +172,31 @@ def read_tensors(
 
 def read_layout_of(root: Path, record: CheckpointRecord) -> list[TensorSlot]:
     """The tensor slots of a checkpoint's arrays file, from its header alone."""
-    directory = root / record.directory
-    path = directory / "arrays.safetensors"
-    dir_fd = _open_directory(root, record)
+    fd, path, size = _open_arrays(root, record)
     try:
-        try:
-            fd = _fsread.open_regular("arrays.safetensors", dir_fd=dir_fd)
-        except _fsread.UnsafeFileError as e:
-            raise _corrupt(path, e, record.step) from None
-    finally:
-        os.close(dir_fd)
-    try:
-        return read_layout(fd, os.fstat(fd).st_size, source=str(path))[0]
+        return read_layout(fd, size, source=str(path))[0]
     finally:
         os.close(fd)
+
+
+def _open_arrays(root: Path, record: CheckpointRecord) -> tuple[int, Path, int]:
+    """Open a checkpoint's arrays file safely; return its descriptor, path and checked size."""
+    path = root / record.directory / "arrays.safetensors"
+    entry = next((f for f in record.files if f.name == "arrays.safetensors"), None)
+    if entry is None:
+        raise _corrupt(path, "the manifest lists no arrays.safetensors", record.step)
+    dir_fd = _open_directory(root, record)
+    try:
+        fd = _fsread.open_regular("arrays.safetensors", dir_fd=dir_fd)
+    except _fsread.UnsafeFileError as e:
+        raise _corrupt(path, e, record.step) from None
+    finally:
+        os.close(dir_fd)
+    size = os.fstat(fd).st_size
+    if size != entry.size:
+        os.close(fd)
+        raise _corrupt(path, f"size is {size} bytes, the manifest says {entry.size}", record.step)
+    return fd, path, size
 
 
 def verify_files(root: Path, record: CheckpointRecord) -> None:

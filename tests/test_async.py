@@ -230,3 +230,35 @@ def test_a_non_blocking_checkpointer_resumes_like_a_blocking_one(tmp_path: Path)
         )
         assert resumed.resume() == epoch + 1 and again.w[0] == epoch + 1
     assert runs[True] == runs[False]
+
+
+def test_a_preempted_non_blocking_checkpointer_has_committed_before_it_says_so(
+    tmp_path: Path,
+) -> None:
+    """With blocking=False, ckpt.preempted is set only once the step's save is on disk."""
+    import signal
+
+    from ckptkit import Checkpointer, PreemptionGuard
+
+    class Weights:
+        def __init__(self) -> None:
+            self.w = np.zeros(1 << 20)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"w": self.w}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.w = state["w"].copy()
+
+    model = Weights()
+    with PreemptionGuard(signals=(signal.SIGUSR1,)) as guard:
+        ckpt = Checkpointer(
+            CheckpointStore(tmp_path), None, model, save_every=100, preemption=guard, blocking=False
+        )
+        ckpt.step(0)
+        signal.raise_signal(signal.SIGUSR1)
+        ckpt.step(1)
+        assert ckpt.preempted
+        # Read by another store object: the commit is on disk, not only in flight.
+        assert [r.step for r in CheckpointStore(tmp_path).records()] == [1]
+        assert ckpt.store._pending is None

@@ -59,5 +59,9 @@ class StoreWriteError(CkptkitError, OSError):
     """
 
 
+class ReadOnlyStoreError(CkptkitError, PermissionError):
+    """A change (save, pin, unpin, prune) was asked of a store opened with ``read_only=True``."""
+
+
 class StoreFormatError(CorruptCheckpointError):
     """The store's manifest is unreadable, or was written by a newer format version."""

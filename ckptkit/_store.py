@@ -13,7 +13,8 @@ The commit protocol, in the order ``save`` runs it:
 
 A crash before 4 leaves the old manifest, which never lists the new directory; a crash after 4
 leaves the new manifest, whose checkpoints are all complete on disk. What a crash leaves behind
-(a temporary, an unlisted ``step_*`` directory) is swept when the store is next opened.
+(a temporary, an unlisted ``step_*`` directory) is swept by the next change to the store (a
+save, pin, unpin or prune), under the lock; opening or reading a store changes nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from ckptkit._async import PendingSave
 from ckptkit._commit import commit_manifest, delete_checkpoints, write_directory
 from ckptkit._errors import (
     CheckpointExistsError,
+    CheckpointNotFoundError,
+    ReadOnlyStoreError,
     UnsupportedStateError,
 )
 from ckptkit._modes import Mode, resolve_mode
@@ -74,8 +77,13 @@ class CheckpointStore(StoreLocking):
     the newest ``keep_last``, the ``keep_best`` best by ``monitor``, every ``keep_every``-th step,
     pinned checkpoints and the newest one. With no retention option set, everything is kept.
 
+    Opening a store creates its root if missing and nothing else; reading never changes it.
+    The first change (save, pin, unpin, prune) sweeps what crashed writers left. With
+    ``read_only=True`` nothing is ever created or changed: for inspecting a store another
+    process writes, one on read-only media, or one you must not touch.
+
     Args:
-        root: the store's directory, created if missing.
+        root: the store's directory, created if missing (unless ``read_only``).
         keep_last: how many of the newest checkpoints to keep.
         keep_best: how many of the best checkpoints by ``monitor`` to keep.
         monitor: the metric that ranks checkpoints for ``keep_best`` and ``best()``.
@@ -84,6 +92,13 @@ class CheckpointStore(StoreLocking):
         lock_timeout: seconds to wait for another process's lock before raising.
         progress: show a progress bar (``tqdm``, the ``progress`` extra) on stderr while
             saving or loading a state of 64 MiB or more.
+        read_only: open for reading only: the root must exist; ``save``, ``save_async``,
+            ``pin``, ``unpin`` and ``prune`` (but for ``dry_run=True``) raise
+            :class:`ReadOnlyStoreError`; no lock file is made and nothing is swept.
+
+    Raises:
+        NotADirectoryError: ``root`` is a file.
+        CheckpointNotFoundError: ``read_only`` and ``root`` does not exist.
 
     Example:
         >>> store = CheckpointStore(tmp, keep_last=2, keep_best=1, monitor="val_loss")
@@ -102,6 +117,7 @@ class CheckpointStore(StoreLocking):
         keep_every: int | None = None,
         lock_timeout: float = 60.0,
         progress: bool = False,
+        read_only: bool = False,
     ) -> None:
         resolved: Mode = (
             "min" if monitor is None and mode == "auto" else resolve_mode(mode, monitor)
@@ -122,9 +138,16 @@ class CheckpointStore(StoreLocking):
         if progress:
             _progress.require_tqdm()
         self.root = Path(root)
+        self.read_only = bool(read_only)
         if self.root.exists() and not self.root.is_dir():
             raise NotADirectoryError(f"{self.root}: a store's root must be a directory, not a file")
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.exists():
+            raise CheckpointNotFoundError(
+                f"{self.root}: no such directory, so no store to read; a read-only store is "
+                "never created: check the path"
+            )
         self.lock_timeout = float(lock_timeout)
         self.progress = bool(progress)
         self._lock = filelock.FileLock(self.root / LOCK_NAME, timeout=self.lock_timeout)
@@ -133,10 +156,13 @@ class CheckpointStore(StoreLocking):
         self._buffers = _async.BufferPool()
         self._pending: PendingSave | None = None
         self._thread: threading.Thread | None = None
-        self._sweep()
+        # Read, not changed: a damaged manifest, or one of a newer format, is refused at
+        # once rather than at the first save or load.
+        self.records()
 
     def __repr__(self) -> str:
-        return f"CheckpointStore({str(self.root)!r}, {self.retention})"
+        read_only = ", read_only=True" if self.read_only else ""
+        return f"CheckpointStore({str(self.root)!r}, {self.retention}{read_only})"
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -162,6 +188,7 @@ class CheckpointStore(StoreLocking):
             StoreWriteError: the disk failed (e.g. ENOSPC, a read-only file system); the
                 message says whether the step was committed. If not, the store is unchanged.
         """
+        self._refuse_if_read_only(f"save step {step}")
         self.wait()
         return self._commit(self._prepare(step, state, metrics, metadata, overwrite=overwrite))
 
@@ -193,6 +220,7 @@ class CheckpointStore(StoreLocking):
             >>> pending.result().step == step
             True
         """
+        self._refuse_if_read_only(f"save step {step}")
         self.wait()
         job = self._prepare(step, state, metrics, metadata, overwrite=overwrite)
         job.arrays = self._buffers.snapshot(job.arrays)
@@ -329,6 +357,7 @@ class CheckpointStore(StoreLocking):
         return self._set_pinned(step, False)
 
     def _set_pinned(self, step: int, pinned: bool) -> CheckpointRecord:
+        self._refuse_if_read_only(f"{'pin' if pinned else 'unpin'} step {step}")
         self.wait()
         with self._writing(f"{'pinning' if pinned else 'unpinning'} step {step}") as records:
             target = self._select(records, check_step(step))
@@ -352,12 +381,26 @@ class CheckpointStore(StoreLocking):
             self._protected.pop(step, None)
 
     def prune(self, *, dry_run: bool = False) -> RetentionPlan:
-        """Apply retention now (it otherwise runs after each save); return what it decided."""
+        """Apply retention now (it otherwise runs after each save); return what it decided.
+
+        With ``dry_run`` the plan is made from the manifest as it is, and nothing is changed
+        (no lock is taken, nothing is swept), so it works on a ``read_only`` store too.
+        """
+        if dry_run:
+            return self.retention.select(self.records(), protected=self._protected)
+        self._refuse_if_read_only("prune")
         self.wait()
         with self._writing("pruning") as records:
             plan = self.retention.select(records, protected=self._protected)
-            if not dry_run and plan.delete:
+            if plan.delete:
                 logger.info("%s: prune deletes steps %s", self.root, sorted(plan.delete))
                 commit_manifest(self.root, [r for r in records if r.step in plan.keep])
                 delete_checkpoints(self.root, [r for r in records if r.step not in plan.keep])
         return plan
+
+    def _refuse_if_read_only(self, action: str) -> None:
+        if self.read_only:
+            raise ReadOnlyStoreError(
+                f"{self.root}: cannot {action}: the store was opened with read_only=True; open "
+                "it as CheckpointStore(root) to change it"
+            )

@@ -2,14 +2,14 @@
 
 Every change to a store (save, pin, unpin, prune) runs inside :meth:`StoreLocking._writing`:
 under the store's file lock, with any ``OSError`` turned into a ``StoreWriteError`` whose message
-says whether the change reached the manifest. Opening a store sweeps what crashed writers left,
-but only when the lock is free at once, so a live writer's temporaries are never touched.
+says whether the change reached the manifest. The first change a store object makes sweeps what
+crashed writers left: under the lock no live writer is between its first write and its commit,
+so its temporaries are never touched. Opening and reading a store change nothing.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,6 +35,7 @@ class StoreLocking(StoreReader):
 
     lock_timeout: float
     _lock: filelock.BaseFileLock
+    _swept: bool = False
 
     # -- locking and crash recovery ---------------------------------------------------------
 
@@ -50,7 +51,11 @@ class StoreLocking(StoreReader):
         try:
             with self._locked():
                 before = self._read_manifest()
-                yield self._parse_manifest(before)
+                records = self._parse_manifest(before)
+                if not self._swept:
+                    sweep(self.root, None if before is None else {r.directory for r in records})
+                    self._swept = True
+                yield records
         except CkptkitError:
             raise
         except OSError as e:
@@ -102,26 +107,5 @@ class StoreLocking(StoreReader):
             ) from None
         try:
             yield
-        finally:
-            self._lock.release()
-
-    def _sweep(self) -> None:
-        """Remove what crashed writers left, if the lock is free right now.
-
-        Under the lock no live writer is between its first write and its commit, so what the
-        sweep finds is a crash's. If another process holds the lock, opening does not wait for
-        it: its leftovers (if any) are swept by a later open.
-        """
-        if not os.access(self.root, os.W_OK):
-            return  # a read-only store: nothing can have been left by a writer here
-        try:
-            self._lock.acquire(blocking=False)
-        except filelock.Timeout:
-            return
-        try:
-            listed = None
-            if self.manifest_path.exists():
-                listed = {r.directory for r in self.records()}
-            sweep(self.root, listed)
         finally:
             self._lock.release()

@@ -481,3 +481,36 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     for command in ("ls", "show", "verify", "prune", "pin", "unpin", "plot", "exit status"):
         assert command in out
+
+
+def test_reading_commands_change_nothing(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ls, show, verify, plot and prune --dry-run create no lock file and sweep no leftovers."""
+    (root / ".ckptkit.lock").unlink(missing_ok=True)
+    (root / ".ckptkit-tmp-0123456789abcdef").mkdir()
+    (root / "step_000000000099").mkdir()
+    before = {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+    commands = [
+        ["ls", root],
+        ["show", root, "best"],
+        ["verify", root],
+        ["plot", root, "--metric", "val_loss", "-o", tmp_path / "curve.png"],
+        ["prune", root, "--keep-last", "1", "--dry-run"],
+    ]
+    for argv in commands:
+        code, _, err = run(capsys, *argv)
+        assert (code, err) == (0, ""), argv
+    after = {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+    assert after == before
+    code, _, err = run(capsys, "pin", root, "2")  # a change sweeps, under the lock
+    assert (code, err) == (0, "")
+    assert not (root / ".ckptkit-tmp-0123456789abcdef").exists()
+    assert (root / ".ckptkit.lock").exists()
+

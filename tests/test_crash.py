@@ -41,7 +41,7 @@ def check_store(root: Path, committed: list[int]) -> CheckpointStore:
     """Every listed checkpoint loads with its exact content, the newest committed is kept, no leak."""
     before = sorted(p.name for p in root.iterdir())
     leftovers = [n for n in before if n.startswith(".ckptkit-tmp-")]
-    store = open_store(str(root))  # opening sweeps what the crash left
+    store = open_store(str(root))
     records = store.records()
     listed = {r.directory for r in records}
     unlisted = [n for n in before if CHECKPOINT_DIR.fullmatch(n) and n not in listed]
@@ -64,6 +64,10 @@ def check_store(root: Path, committed: list[int]) -> CheckpointStore:
         assert record.metrics["loss"] == expected_loss(record.step)
     if committed:
         assert committed[-1] in store, f"committed step {committed[-1]} was lost"
+    # Opening and loading changed nothing; the next change (here a prune that keeps
+    # everything) sweeps what the crash left.
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert not CheckpointStore(root).prune().delete
     after = sorted(p.name for p in root.iterdir())
     assert after == sorted([".ckptkit.lock", "manifest.json", *listed]), after
     for record in records:

@@ -624,6 +624,7 @@ def test_a_read_only_store_reads_and_refuses_every_write_at_once(
         assert ro.verify(step).step == step
         assert_same(ro.load(step), want)
     assert_same(ro.load("best"), saved[2])
+    assert_same(CheckpointStore(root, read_only=True).load(1), saved[1])
     assert time.monotonic() - started < PROMPT_S
 
     writes: dict[str, tuple[int | None, Callable[[], Any]]] = {

@@ -99,7 +99,7 @@ def test_each_failing_call_leaves_the_store_as_it_was(tmp_path: Path, err: int) 
 def test_failure_while_deleting_retention_victims_keeps_the_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If deleting a dropped checkpoint fails, the save's commit stands and the next open cleans up."""
+    """If deleting a dropped checkpoint fails, the save's commit stands and the next change cleans up."""
     store = CheckpointStore(tmp_path, keep_last=1)
     store.save(0, {"w": np.zeros(3)})
 
@@ -118,4 +118,6 @@ def test_failure_while_deleting_retention_victims_keeps_the_commit(
     monkeypatch.setattr(os, "unlink", real_unlink)
     reopened = CheckpointStore(tmp_path, keep_last=1)
     assert [r.step for r in reopened.records()] == [1]
+    assert (tmp_path / "step_000000000000").exists()  # opening changes nothing
+    reopened.save(2, {"w": np.ones(3)})
     assert not (tmp_path / "step_000000000000").exists()

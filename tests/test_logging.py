@@ -52,15 +52,13 @@ def test_a_fallback_is_logged_as_a_warning(
     assert "arrays.safetensors" in warnings[0].getMessage()
 
 
-def test_leftovers_swept_on_open_are_logged(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Opening a store logs each temporary and unlisted checkpoint directory it removes."""
+def test_swept_leftovers_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The first change to a store logs each temporary and unlisted directory it removes."""
     CheckpointStore(tmp_path).save(0, {"w": np.zeros(4)})
     (tmp_path / ".ckptkit-tmp-0123456789abcdef").mkdir()
     (tmp_path / "step_000000000005").mkdir()
     caplog.set_level(logging.INFO, logger="ckptkit")
-    CheckpointStore(tmp_path)
+    CheckpointStore(tmp_path).prune()
     messages = sorted(r.getMessage().split(": ", 1)[1] for r in caplog.records)
     assert messages == [
         "removing .ckptkit-tmp-0123456789abcdef, left by a save that did not finish",

@@ -23,6 +23,7 @@ from ckptkit import (
     CorruptCheckpointError,
     FallbackWarning,
     LockTimeoutError,
+    ReadOnlyStoreError,
     StoreFormatError,
     UnsupportedStateError,
 )
@@ -218,7 +219,7 @@ def test_unsupported_leaf_raises_type_error_and_writes_nothing(tmp_path: Path) -
         store.save(1, {"opt": {"lr": {1, 2}}})
     assert isinstance(e.value, TypeError)
     assert len(store) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckptkit.lock"]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -266,8 +267,8 @@ def test_newer_manifest_format_is_refused(tmp_path: Path) -> None:
         store.records()
 
 
-def test_opening_sweeps_crash_leftovers_but_nothing_else(tmp_path: Path) -> None:
-    """Temporaries and unlisted step directories go; files the store did not create stay."""
+def test_the_first_change_sweeps_crash_leftovers_but_nothing_else(tmp_path: Path) -> None:
+    """Temporaries and unlisted step directories go at the first change; other files stay."""
     store = CheckpointStore(tmp_path)
     rec = store.save(1, {"w": np.zeros(2)})
     (tmp_path / ".ckptkit-tmp-0123456789abcdef").mkdir()
@@ -282,7 +283,11 @@ def test_opening_sweeps_crash_leftovers_but_nothing_else(tmp_path: Path) -> None
     (mine / "notes.txt").write_text("user file")
     (tmp_path / "README.txt").write_text("user file")
     (tmp_path / rec.directory / "extra.txt").write_text("user file")
-    CheckpointStore(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    reopened = CheckpointStore(tmp_path)
+    assert reopened.load(1)["w"].shape == (2,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # opening and loading change nothing
+    reopened.pin(1)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
         ".ckptkit.lock",
@@ -359,13 +364,13 @@ def test_any_tree_round_trips_through_the_store(
     assert_same_state(meta, dict(CheckpointStore(tmp_path / "hyp").record(step).metadata))
 
 
-def test_opening_without_a_manifest_keeps_checkpoint_directories(tmp_path: Path) -> None:
-    """With manifest.json missing, opening deletes no step_* directory (nothing says they are leftovers)."""
+def test_the_sweep_without_a_manifest_keeps_checkpoint_directories(tmp_path: Path) -> None:
+    """With manifest.json missing, the sweep deletes no step_* directory (nothing says they are leftovers)."""
     store = CheckpointStore(tmp_path)
     rec = store.save(0, {"w": np.ones(2)})
     store.manifest_path.unlink()
     (tmp_path / ".ckptkit-tmp-00112233445566aa").mkdir()
-    CheckpointStore(tmp_path)
+    CheckpointStore(tmp_path).prune()
     assert sorted(p.name for p in (tmp_path / rec.directory).iterdir()) == [
         "arrays.safetensors",
         "state.json",
@@ -374,7 +379,7 @@ def test_opening_without_a_manifest_keeps_checkpoint_directories(tmp_path: Path)
 
 
 def test_opening_does_not_wait_for_a_busy_lock(tmp_path: Path) -> None:
-    """A reader opening the store while a writer holds the lock opens at once (and skips the sweep)."""
+    """A reader opens and reads while a writer holds the lock; the writer's files are left alone."""
     import filelock
 
     CheckpointStore(tmp_path).save(0, {})
@@ -384,8 +389,8 @@ def test_opening_does_not_wait_for_a_busy_lock(tmp_path: Path) -> None:
     with _held_elsewhere(holder):
         reader = CheckpointStore(tmp_path, lock_timeout=0)
         assert [r.step for r in reader.records()] == [0]
-        assert leftover.exists()  # the writer may be using it: left for a later open
-    CheckpointStore(tmp_path)
+        assert leftover.exists()  # the writer may be using it
+    CheckpointStore(tmp_path).save(1, {})  # the next change, under the lock, sweeps it
     assert not leftover.exists()
 
 
@@ -495,3 +500,89 @@ def test_a_load_gives_up_with_a_clear_error_if_its_checkpoint_keeps_changing(
         store.load(0)
     monkeypatch.undo()
     assert store.load(0)["w"][0] == 1.0
+
+
+# -- read-only stores ----------------------------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and modification time, to tell any change."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _store_with_leftovers(root: Path) -> CheckpointStore:
+    """A store of steps 0-3 with a crash's leftovers in it and no lock file."""
+    store = CheckpointStore(root, keep_last=2)
+    for step in range(4):
+        store.save(step, {"w": np.full(3, float(step))}, metrics={"loss": 1.0 / (step + 1)})
+    (root / ".ckptkit-tmp-0123456789abcdef").mkdir()
+    (root / "step_000000000009").mkdir()
+    (root / ".ckptkit.lock").unlink()
+    return store
+
+
+def test_a_read_only_store_reads_everything_and_changes_nothing(tmp_path: Path) -> None:
+    """read_only=True lists, loads, verifies and plans a prune without a lock file or a sweep."""
+    _store_with_leftovers(tmp_path)
+    before = snapshot(tmp_path)
+    store = CheckpointStore(tmp_path, read_only=True, keep_last=1, monitor="loss")
+    assert store.read_only and "read_only=True" in repr(store)
+    assert [r.step for r in store.records()] == [2, 3]
+    assert store.load()["w"].tolist() == [3.0, 3.0, 3.0]
+    assert store.load("best")["w"].tolist() == [3.0, 3.0, 3.0]
+    assert store.verify(2).step == 2
+    assert store.read_arrays(2, ["w"])["w"].tolist() == [2.0, 2.0, 2.0]
+    assert list(store.tensor_info(3)) == ["w"]
+    assert store.prune(dry_run=True).delete == (2,)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_read_only_store_refuses_every_change(tmp_path: Path) -> None:
+    """save, save_async, pin, unpin and prune raise ReadOnlyStoreError and change nothing."""
+    _store_with_leftovers(tmp_path)
+    before = snapshot(tmp_path)
+    store = CheckpointStore(tmp_path, read_only=True, keep_last=1)
+    changes = {
+        "save step 4": lambda: store.save(4, {"w": np.zeros(3)}),
+        "save step 5": lambda: store.save_async(5, {"w": np.zeros(3)}),
+        "pin step 2": lambda: store.pin(2),
+        "unpin step 2": lambda: store.unpin(2),
+        "prune": store.prune,
+    }
+    for action, change in changes.items():
+        with pytest.raises(ReadOnlyStoreError) as e:
+            change()
+        assert str(e.value) == (
+            f"{tmp_path}: cannot {action}: the store was opened with read_only=True; open it "
+            "as CheckpointStore(root) to change it"
+        )
+        assert isinstance(e.value, PermissionError)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_read_only_store_is_never_created(tmp_path: Path) -> None:
+    """Opening a missing root read-only raises CheckpointNotFoundError and creates nothing."""
+    with pytest.raises(CheckpointNotFoundError, match="a read-only store is never created"):
+        CheckpointStore(tmp_path / "missing" / "run", read_only=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_opening_and_reading_a_store_changes_nothing(tmp_path: Path) -> None:
+    """A default (writable) store makes no lock file and sweeps nothing until its first change."""
+    _store_with_leftovers(tmp_path)
+    before = snapshot(tmp_path)
+    store = CheckpointStore(tmp_path, keep_last=2)
+    store.load()
+    store.verify()
+    store.prune(dry_run=True)
+    assert snapshot(tmp_path) == before
+    store.save(4, {"w": np.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".ckptkit.lock",
+        "manifest.json",
+        "step_000000000003",
+        "step_000000000004",
+    ]

@@ -1,7 +1,9 @@
 """What every command shares: opening a store safely, choosing steps, and formatting values.
 
-The command line never creates a store: ``CheckpointStore(root)`` makes a missing root, so the
-root is checked first and anything that is not a store is refused before the store is opened.
+The command line never creates a store: the root is checked first and anything that is not a
+store is refused before the store is opened. Commands that only read (``ls``, ``show``,
+``verify``, ``plot``, ``prune --dry-run``) open it with ``read_only=True``, so they never create
+a lock file or sweep a crash's leftovers: looking at a store never changes it.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ class CliError(Exception):
         self.code = code
 
 
-def open_store(root: str, **retention: Any) -> CheckpointStore:
-    """Open the store at ``root``, refusing a path that is not one (and never creating it)."""
+def open_store(root: str, *, writable: bool = False, **retention: Any) -> CheckpointStore:
+    """Open the store at ``root``, refusing a path that is not one (and never creating it).
+
+    Read-only unless ``writable``: only ``prune``, ``pin`` and ``unpin`` change a store.
+    """
     path = Path(root)
     if not path.exists():
         reason = "no such directory"
@@ -51,7 +56,7 @@ def open_store(root: str, **retention: Any) -> CheckpointStore:
     elif not (path / MANIFEST_NAME).exists():
         reason = f"no {MANIFEST_NAME}"
     else:
-        return CheckpointStore(path, **retention)
+        return CheckpointStore(path, read_only=not writable, **retention)
     raise CliError(f"{root} is not a ckptkit store ({reason})")
 
 

@@ -76,6 +76,7 @@ def prune(args: argparse.Namespace) -> int:
             )
     store = open_store(
         args.root,
+        writable=not args.dry_run,
         keep_last=args.keep_last,
         keep_best=args.keep_best,
         keep_every=args.keep_every,
@@ -125,7 +126,7 @@ def unpin(args: argparse.Namespace) -> int:
 
 
 def _set_pinned(args: argparse.Namespace, *, pinned: bool) -> int:
-    store = open_store(args.root)
+    store = open_store(args.root, writable=True)
     records = store.records()
     ranking = resolve(args.monitor, args.mode, policy_state(records[-1] if records else None))
     record = select(store, records, args.step, ranking)

@@ -43,6 +43,7 @@ from typing import TypeAlias
 import numpy as np
 
 from ckptkit._errors import CorruptCheckpointError, UnsupportedStateError
+from ckptkit._frameworks import leaf_hint
 from ckptkit._safetensors import dtype_code, numpy_dtype, supported_dtype_names
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
@@ -75,6 +76,9 @@ def _dtype_hint(dtype: np.dtype[np.generic]) -> str:
 
 
 def _type_hint(value: object) -> str:
+    hint = leaf_hint(value)
+    if hint is not None:
+        return hint
     if isinstance(value, (set, frozenset)):
         return "convert it to a sorted list"
     if isinstance(value, (bytes, bytearray, memoryview)):

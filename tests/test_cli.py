@@ -513,4 +513,3 @@ def test_reading_commands_change_nothing(
     assert (code, err) == (0, "")
     assert not (root / ".ckptkit-tmp-0123456789abcdef").exists()
     assert (root / ".ckptkit.lock").exists()
-

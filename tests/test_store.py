@@ -286,7 +286,9 @@ def test_the_first_change_sweeps_crash_leftovers_but_nothing_else(tmp_path: Path
     before = sorted(p.name for p in tmp_path.iterdir())
     reopened = CheckpointStore(tmp_path)
     assert reopened.load(1)["w"].shape == (2,)
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # opening and loading change nothing
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == before
+    )  # opening and loading change nothing
     reopened.pin(1)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [

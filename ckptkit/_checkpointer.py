@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -16,6 +17,7 @@ from ckptkit._frameworks import adapter_hint, framework_of, part_name, uses_fram
 from ckptkit._policy import Decision, StoppingPolicy
 from ckptkit._preemption import PreemptionGuard
 from ckptkit._record import CheckpointRecord
+from ckptkit._retention import RetentionPolicy
 from ckptkit._store import CheckpointStore
 from ckptkit._validate import check_step
 
@@ -40,12 +42,20 @@ class Checkpointer:
     so a restarted run decides and continues exactly as the uninterrupted one.
 
     Which steps are saved: every ``save_every``-th (those with ``(step + 1) % save_every == 0``),
-    every step where the policy sees an improvement (so the best is always restorable), and the
-    step where the policy says stop. With ``save_best_only=True``, only improvements are saved;
-    the stop is then not recorded, so a restart re-runs the steps after the last improvement
-    and (the run being deterministic) stops again at the same step. With a ``preemption``
-    guard that has caught a signal, the step is saved whatever the schedule (``save_best_only``
-    included) and :attr:`preempted` turns True, for the loop to stop; a restart resumes there.
+    every step whose monitored value is the best so far (so the best is always restorable), and
+    the step where the policy says stop. With ``save_best_only=True``, only new bests are saved
+    (Keras ``ModelCheckpoint(save_best_only=True)``); the stop is then not recorded, so a restart
+    re-runs the steps after the last best and (the run being deterministic) stops again at the
+    same step. With a ``preemption`` guard that has caught a signal, the step is saved whatever
+    the schedule (``save_best_only`` included) and :attr:`preempted` turns True, for the loop to
+    stop; a restart resumes there.
+
+    The best checkpoint is the committed one with the best value of the policy's monitor
+    (earliest step on a tie; NaN and infinities never count): the one ``store.best()``, ``load(
+    "best")`` and ``ckptkit show run best`` give when the store ranks by the same monitor.
+    ``min_delta``, ``baseline`` and ``warmup`` decide when to stop, not which checkpoint is
+    best: a value better by less than ``min_delta`` does not reset patience, but it is the best
+    checkpoint. The policy's own ``best``/``best_step`` are the value patience counts from.
 
     Args:
         store: where checkpoints go.
@@ -94,6 +104,12 @@ class Checkpointer:
         else:
             _refuse_framework_objects({part_name(state): state}, where=None)
             _check_stateful(state, "state")
+        if policy is not None and store.monitor == policy.monitor and store.mode != policy.mode:
+            raise ValueError(
+                f"the store ranks {store.monitor!r} by mode {store.mode!r} and the policy by "
+                f"{policy.mode!r}, so they would disagree on the best checkpoint; give both the "
+                "same mode"
+            )
         if preemption is not None and not isinstance(preemption, PreemptionGuard):
             raise TypeError(
                 f"preemption is a {type(preemption).__name__}; pass a PreemptionGuard or None"
@@ -107,6 +123,8 @@ class Checkpointer:
         self.blocking = bool(blocking)
         self.resumed_from: CheckpointRecord | None = None
         self._best_protected: int | None = None
+        #: (value, step) of the best monitored value saved so far.
+        self._best: tuple[float, int] | None = None
         self._overwrite_after: int | None = None
         self._preempted = False
 
@@ -124,6 +142,8 @@ class Checkpointer:
         loaded = self.store.load_checkpoint(None, fallback=fallback)
         self._load_state(loaded.state, loaded.record)
         if self.policy is not None:
+            best = self._best_record(self.store.records())
+            self._best = None if best is None else (self._value(best), best.step)
             saved = self._saved_policy_state(loaded.record)
             if saved is not None:
                 try:
@@ -188,7 +208,7 @@ class Checkpointer:
                 # Stopped earlier (maybe before a restart): nothing new to decide or save.
                 return self.policy.observe(metrics[monitor], step=step)
             decision = self.policy.observe(metrics[monitor], step=step)
-        saved = self._due(step, decision)
+        saved = self._due(step, decision, metrics)
         if saved:
             self.save(step, metrics, metadata=metadata)
         # Checked after the scheduled save: a signal caught during it needs no second one.
@@ -200,8 +220,8 @@ class Checkpointer:
             self._preempted = True
         return decision
 
-    def _due(self, step: int, decision: Decision | None) -> bool:
-        if decision is not None and decision.improved:
+    def _due(self, step: int, decision: Decision | None, metrics: Mapping[str, Any] | None) -> bool:
+        if self._is_new_best(metrics):
             return True
         if self.save_best_only:
             return False
@@ -232,6 +252,9 @@ class Checkpointer:
         overwrite = self._overwrite_after is not None and step > self._overwrite_after
         save = self.store.save if self.blocking else self.store.save_async
         result = save(step, self._state_dict(), metrics, meta, overwrite=overwrite)
+        if self._is_new_best(metrics):
+            assert self.policy is not None and metrics is not None
+            self._best = (float(metrics[self.policy.monitor]), step)
         self._protect_best()
         return result
 
@@ -242,22 +265,23 @@ class Checkpointer:
     def restore_best(self) -> CheckpointRecord:
         """Load the best checkpoint into the state and return its record.
 
-        The best is the policy's (``policy.best_step``, counting ``min_delta`` as Keras'
-        ``restore_best_weights`` does); without a policy, the store's best by its monitor.
-        The policy itself is left as it is.
+        The best is the committed checkpoint with the best value of the policy's monitor
+        (earliest step on a tie), whatever ``min_delta``, ``baseline`` or ``warmup`` say about
+        stopping; without a policy, the store's best by its monitor. The policy itself is left
+        as it is.
 
         Raises:
-            CheckpointNotFoundError: there is no best, or it was not saved.
+            CheckpointNotFoundError: no committed checkpoint has a finite monitored value.
         """
         self.store.wait()
         if self.policy is not None:
-            best_step = self.policy.best_step
-            if best_step is None:
+            best = self._best_record(self.store.records())
+            if best is None:
                 raise CheckpointNotFoundError(
-                    f"{self.store.root}: the policy has seen no improvement yet, so there is no "
-                    "best checkpoint to restore"
+                    f"{self.store.root}: no committed checkpoint has a finite "
+                    f"{self.policy.monitor!r} metric, so there is no best checkpoint to restore"
                 )
-            loaded = self.store.load_checkpoint(best_step)
+            loaded = self.store.load_checkpoint(best.step)
         else:
             record = self.store.best()
             if record is None:
@@ -280,8 +304,32 @@ class Checkpointer:
             )
         return own.get("policy")
 
+    def _best_record(self, records: list[CheckpointRecord]) -> CheckpointRecord | None:
+        assert self.policy is not None
+        ranking = RetentionPolicy(monitor=self.policy.monitor, mode=self.policy.mode)
+        ranked = ranking.best(records)
+        return ranked[0] if ranked else None
+
+    def _value(self, record: CheckpointRecord) -> float:
+        assert self.policy is not None
+        return float(record.metrics[self.policy.monitor])
+
+    def _is_new_best(self, metrics: Mapping[str, Any] | None) -> bool:
+        """True if ``metrics`` holds a finite monitored value better than any saved before."""
+        if self.policy is None or metrics is None or self.policy.monitor not in metrics:
+            return False
+        try:
+            value = float(metrics[self.policy.monitor])
+        except (TypeError, ValueError):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self._best is None:
+            return True
+        return value < self._best[0] if self.policy.mode == "min" else value > self._best[0]
+
     def _protect_best(self) -> None:
-        best = self.policy.best_step if self.policy is not None else None
+        best = self._best[1] if self._best is not None else None
         if best == self._best_protected:
             return
         if self._best_protected is not None:

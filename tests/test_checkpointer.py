@@ -82,13 +82,65 @@ def test_a_stopped_run_resumes_stopped(tmp_path: Path) -> None:
     assert ckpt.policy is not None and ckpt.policy.stop_reason == decisions[-1].reason
 
 
-def test_restore_best_loads_the_policys_best(tmp_path: Path) -> None:
-    """restore_best loads the step the policy holds as best, even past keep_last."""
+def test_restore_best_loads_the_stores_best(tmp_path: Path) -> None:
+    """restore_best loads the step with the lowest loss, the store's best, even past keep_last."""
     toy, ckpt, decisions = run(tmp_path)
     best = ckpt.restore_best()
-    assert ckpt.policy is not None and best.step == ckpt.policy.best_step
+    lowest = min(decisions, key=lambda d: (d.value, d.step))
+    assert best.step == lowest.step
+    assert best == ckpt.store.best()
     assert best.step < decisions[-1].step - 2  # outside keep_last=2: kept because protected
     assert toy.w.tobytes() == ckpt.store.load(best.step)["w"].tobytes()
+
+
+LOSSES = [1.0, 0.98, 1.1, 1.2, 1.3]  # 0.98 beats 1.0, by less than min_delta=0.05
+
+
+def _run_min_delta(root: Path, **kwargs: Any) -> Checkpointer:
+    store = CheckpointStore(root, keep_last=1, monitor="loss")
+    policy = StoppingPolicy(monitor="loss", patience=3, min_delta=0.05)
+    ckpt = Checkpointer(store, policy, Toy(), **kwargs)
+    for step, loss in enumerate(LOSSES):
+        if ckpt.step(step, {"loss": loss}).should_stop:  # type: ignore[union-attr]
+            break
+    assert ckpt.should_stop
+    return ckpt
+
+
+@pytest.mark.parametrize("save_best_only", [False, True])
+def test_with_min_delta_every_best_is_the_best_value(tmp_path: Path, save_best_only: bool) -> None:
+    """restore_best, store.best() and load("best") agree on the lowest loss, whatever min_delta."""
+    ckpt = _run_min_delta(tmp_path, save_best_only=save_best_only)
+    assert ckpt.policy is not None and ckpt.policy.best_step == 0  # patience counts from 1.0
+    steps = [r.step for r in ckpt.store.records()]
+    assert steps == ([0, 1] if save_best_only else [1, 3])  # step 1 kept past keep_last=1
+    best = ckpt.store.best()
+    assert best is not None and best.step == 1
+    assert ckpt.restore_best().step == 1
+    assert ckpt.store.load("best")["w"].tobytes() == ckpt.store.load(1)["w"].tobytes()
+
+
+def test_a_resumed_checkpointer_keeps_protecting_the_best_value(tmp_path: Path) -> None:
+    """After a restart, the best checkpoint by value stays protected from keep_last."""
+    store = CheckpointStore(tmp_path, keep_last=1, monitor="loss")
+    ckpt = Checkpointer(store, StoppingPolicy(monitor="loss", patience=9, min_delta=0.05), Toy())
+    for step, loss in enumerate(LOSSES[:2]):
+        ckpt.step(step, {"loss": loss})
+    store = CheckpointStore(tmp_path, keep_last=1, monitor="loss")
+    ckpt = Checkpointer(store, StoppingPolicy(monitor="loss", patience=9, min_delta=0.05), Toy())
+    for step in range(ckpt.resume(), 5):
+        ckpt.step(step, {"loss": LOSSES[step]})
+    assert [r.step for r in store.records()] == [1, 4]
+    assert ckpt.restore_best().step == 1
+
+
+def test_a_store_and_policy_that_rank_one_metric_two_ways_are_refused(tmp_path: Path) -> None:
+    """The same monitor with opposite modes in store and policy would make two bests: refused."""
+    store = CheckpointStore(tmp_path, monitor="score", mode="min")
+    with pytest.raises(
+        ValueError, match=r"store ranks 'score' by mode 'min' and the policy by 'max'"
+    ):
+        Checkpointer(store, StoppingPolicy(monitor="score", mode="max"), Toy())
 
 
 def test_save_schedule(tmp_path: Path) -> None:
@@ -147,7 +199,9 @@ def test_errors_say_what_to_do(tmp_path: Path) -> None:
         ckpt.step(0, {"loss": 1.0})
     with pytest.raises(ValueError, match="'ckptkit' is reserved"):
         ckpt.save(0, metadata={"ckptkit": 1})
-    with pytest.raises(CheckpointNotFoundError, match="no improvement yet"):
+    with pytest.raises(
+        CheckpointNotFoundError, match="no committed checkpoint has a finite 'val_loss' metric"
+    ):
         ckpt.restore_best()
     with pytest.raises(TypeError, match=r"state\['m'\] is a list, which has no state_dict"):
         Checkpointer(store, None, {"m": []})  # type: ignore[dict-item]

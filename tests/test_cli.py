@@ -98,7 +98,10 @@ def test_ls_lists_steps_metrics_and_flags(root: Path, capsys: pytest.CaptureFixt
     assert size < 1024 and rows[0].split()[1:5] == ["0.9", "0.1", str(size), "B"]
     assert lines[7].startswith("6 checkpoints, ")
     assert "best by val_loss (min, from the stopping policy): step 2" in lines[7]
-    assert lines[8] == "stopping policy: val_loss (min), best 0.4 at step 2; stopped at step 5"
+    assert (
+        lines[8]
+        == "stopping policy: val_loss (min), last improvement 0.4 at step 2; stopped at step 5"
+    )
 
 
 def test_ls_json_is_exact(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -179,7 +182,7 @@ def test_show_prints_record_tensors_and_a_cut_state(
     code, out, err = run(capsys, "show", root, "best")
     assert (code, err) == (0, "")
     assert out.startswith("step 2 (best)\n")
-    assert "stopping policy: val_loss (min), best 0.4 at step 2; 0 evaluations" in out
+    assert "stopping policy: val_loss (min), last improvement 0.4 at step 2; 0 evaluations" in out
     assert '{"note": "s2"}' in out and '"ckptkit"' not in out
     assert "arrays.safetensors" in out and "state.json" in out and "xxh3_128:" in out
     assert "tensors: 2, 88 B" in out
@@ -513,3 +516,24 @@ def test_reading_commands_change_nothing(
     assert (code, err) == (0, "")
     assert not (root / ".ckptkit-tmp-0123456789abcdef").exists()
     assert (root / ".ckptkit.lock").exists()
+
+
+def test_best_is_the_best_value_when_min_delta_holds_the_policy_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ls, show best and plot mark the lowest value, the checkpoint restore_best loads."""
+    store = CheckpointStore(tmp_path / "run")
+    policy = StoppingPolicy(monitor="val_loss", patience=2, min_delta=0.05)
+    ckpt = Checkpointer(store, policy, Model())
+    for step, value in enumerate([1.0, 0.98, 1.1, 1.2]):
+        ckpt.step(step, {"val_loss": value})
+    assert policy.should_stop and policy.best_step == 0
+    assert ckpt.restore_best().step == 1
+    listing = run_json(capsys, "ls", store.root)
+    assert [c["step"] for c in listing["checkpoints"] if c["best"]] == [1]
+    assert run_json(capsys, "show", store.root, "best")["step"] == 1
+    code, out, _ = run(capsys, "plot", store.root, "-o", tmp_path / "curve.png")
+    assert code == 0 and "best 0.98 at step 1" in out
+    code, out, _ = run(capsys, "ls", store.root)
+    assert "best by val_loss (min, from the stopping policy): step 1" in out
+    assert "stopping policy: val_loss (min), last improvement 1 at step 0" in out

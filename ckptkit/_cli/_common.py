@@ -115,10 +115,12 @@ class PolicyState:
         }
 
     def describe(self) -> str:
+        # The policy's best is where patience counts from (min_delta applies); the best
+        # checkpoint is ranked by value, so the two are named apart.
         best = (
-            "no best yet"
+            "no improvement yet"
             if self.best_step is None
-            else f"best {fmt_number(self.best)} at step {self.best_step}"
+            else f"last improvement {fmt_number(self.best)} at step {self.best_step}"
         )
         text = f"{self.monitor} ({self.mode}), {best}"
         if self.stopped:

@@ -93,18 +93,9 @@ def _best(
 ) -> tuple[tuple[int, float] | None, str]:
     """The best point to mark, and a note when there is none.
 
-    The stopping policy's best (it counts min_delta and warmup, as a resumed run will) when it
-    monitors this metric, even if retention has since deleted that checkpoint; otherwise the
-    best kept checkpoint by the metric.
+    The best kept checkpoint by the metric (earliest on a tie), as ``ls``, ``show best`` and
+    ``Checkpointer.restore_best`` rank it.
     """
-    if (
-        policy is not None
-        and policy.monitor == metric
-        and mode in (None, "auto", policy.mode)
-        and policy.best_step is not None
-        and policy.best is not None
-    ):
-        return (policy.best_step, policy.best), ""
     try:
         ranking = resolve(metric, mode, policy)
     except CliError:

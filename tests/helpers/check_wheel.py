@@ -30,6 +30,8 @@ def problems(path: str) -> list[str]:
         names = set(wheel.namelist())
         found += [f"missing {name}" for name in REQUIRED_FILES if name not in names]
         found += [f"test file shipped: {n}" for n in names if n.startswith("tests/")]
+        if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
+            found.append("no LICENSE file in the wheel's .dist-info/licenses/")
         info = next(n for n in names if n.endswith(".dist-info/METADATA"))
         meta = Parser().parsestr(wheel.read(info).decode("utf-8"))
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

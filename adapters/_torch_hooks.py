@@ -120,8 +120,8 @@ class CheckpointCallback:
         """With ``restore_best=True``, load the best checkpoint into the state.
 
         Raises:
-            CheckpointNotFoundError: ``restore_best`` is set and no epoch improved (every value
-                was NaN, say), so there is no best to load.
+            CheckpointNotFoundError: ``restore_best`` is set and no saved epoch has a finite
+                monitored value (every value was NaN, say), so there is no best to load.
         """
         if self.restore_best:
             self.best_record = self.checkpointer.restore_best()

@@ -190,6 +190,9 @@ def train(root: Path, *, pause_in_epoch: int | None = None) -> None:
         last = epoch
     final_digest = state.digest()
     best = ckpt.restore_best()
+    # What retention decides now, in this process: it sees the steps this process protects
+    # (the one it resumed from, the best one), which another process would not.
+    kept = store.prune(dry_run=True).reasons
     _emit(
         "done",
         stop_step=last,
@@ -198,6 +201,7 @@ def train(root: Path, *, pause_in_epoch: int | None = None) -> None:
         digest=final_digest,
         best_digest=state.digest(),
         best_record_step=best.step,
+        kept=[[step, list(reasons)] for step, reasons in sorted(kept.items())],
     )
 
 
@@ -287,6 +291,29 @@ def compare_stores(reference: Path, resumed: Path) -> list[str]:
     return problems
 
 
+#: How the summary names each reason of a ``RetentionPlan``.
+_RULE_NAMES = {
+    "last": "keep_last",
+    "best": "keep_best",
+    "every": "keep_every",
+    "all": "no rule set",
+    "pinned": "pinned",
+    "newest": "newest",
+}
+
+
+def _kept_by(reasons: Sequence[str], step: int, *, restored: int | None, best: int) -> str:
+    """The retention rules that keep ``step``, naming why a protected step is protected."""
+    labels = []
+    for reason in reasons:
+        if reason == "protected":
+            why = [w for w, s in (("resumed from", restored), ("best", best)) if s == step]
+            labels.append(f"protected ({', '.join(why)})" if why else "protected")
+        else:
+            labels.append(_RULE_NAMES[reason])
+    return ", ".join(labels)
+
+
 def _summary(
     root: Path,
     ref: dict[str, Any],
@@ -298,6 +325,7 @@ def _summary(
     committed = [e["step"] for e in killed if e["event"] == "committed"]
     store = CheckpointStore(root / "resumed", monitor="val_loss")
     latest, best = store.latest(), store.best()
+    kept = {step: reasons for step, reasons in done["kept"]}
     lines = [
         f"ckptkit demo: numpy MLP, SGD with momentum, early stop on val_loss (patience {PATIENCE})",
         f"stores under {root}",
@@ -307,17 +335,28 @@ def _summary(
         f"(batch {paused['batch']}), last committed epoch {committed[-1] if committed else None}",
         f"resumed run:   restored epoch {start['restored']}, trained from epoch "
         f"{start['next_step']} to {done['stop_step']}, best epoch {done['best_step']}",
-        "kept checkpoints (keep_last=2, keep_best=2):",
-        "  epoch  val_loss     acc",
+        "kept checkpoints (keep_last=2, keep_best=2), with what keeps each:",
+        "  epoch  val_loss     acc          kept by",
     ]
     for record in store.records():
-        tags = [t for t, r in (("latest", latest), ("best", best)) if r and r.step == record.step]
-        if record.step == start["restored"]:
-            tags.append("(resumed from)")
+        tags = [t for t, r in (("best", best), ("latest", latest)) if r and r.step == record.step]
+        kept_by = _kept_by(
+            kept.get(record.step, ()),
+            record.step,
+            restored=start["restored"],
+            best=done["best_record_step"],
+        )
         lines.append(
             f"  {record.step:5d}  {record.metrics['val_loss']:8.5f}  {record.metrics['acc']:6.4f}"
-            f"  {' '.join(tags)}".rstrip()
+            f"  {' '.join(tags):6}  {kept_by}".rstrip()
         )
+    if kept.get(start["restored"]) == ["protected"]:
+        lines += [
+            f"epoch {start['restored']} is kept only because the resumed run restored it: a "
+            "Checkpointer protects the checkpoint",
+            "it resumed from for as long as its process runs; a later run's first save or prune "
+            "deletes it",
+        ]
     lines.append(f"stop reason: {done['reason'] or f'none, reached {MAX_EPOCHS} epochs'}")
     lines += [f"  difference: {p}" for p in problems]
     lines.append(f"identical to the uninterrupted run: {'no' if problems else 'yes'}")

@@ -41,13 +41,59 @@ def test_demo_resumes_killed_run_identically(tmp_path: Path) -> None:
     assert "SIGKILLed in the middle of epoch 6 (batch 10), last committed epoch 5" in result.stdout
     assert "resumed run:   restored epoch 5, trained from epoch 6 to" in result.stdout
     assert any(line.startswith("stop reason: val_loss did not improve for") for line in lines)
-    rows = lines[lines.index("  epoch  val_loss     acc") + 1 : -2]
+    header = lines.index("  epoch  val_loss     acc          kept by")
+    assert lines[header - 1] == "kept checkpoints (keep_last=2, keep_best=2), with what keeps each:"
+    rows = {}
+    for line in lines[header + 1 :]:
+        if not line[:7].strip().isdigit():
+            break
+        rows[int(line.split()[0])] = line
     store = CheckpointStore(tmp_path / "stores" / "resumed", monitor="val_loss")
-    assert [int(row.split()[0]) for row in rows] == [r.step for r in store.records()]
-    assert rows[-1].endswith("latest")
-    assert sum(row.endswith("best") or " best " in row for row in rows) == 1
-    # keep_last=2 and keep_best=2 (which may overlap), and the step the resumed run started from.
-    assert 2 <= len(rows) <= 5
+    assert list(rows) == [r.step for r in store.records()]
+    # keep_last=2 and keep_best=2, which may overlap, and the epoch the resumed run started from.
+    assert 3 <= len(rows) <= 5
+    newest = max(rows)
+    assert rows[newest].endswith("  latest  keep_last, newest")
+    best = store.best()
+    assert best is not None
+    assert "  best    keep_best, protected (best)" in rows[best.step]
+    assert sum("  best  " in row for row in rows.values()) == 1
+
+
+def test_demo_says_why_the_resumed_from_checkpoint_is_kept(tmp_path: Path) -> None:
+    """The checkpoint the run resumed from is shown as protected, and why, not as a rule's."""
+    result = _run_demo("--root", str(tmp_path / "stores"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    row = next(line for line in lines if line.startswith("      5   "))
+    assert row.endswith("          protected (resumed from)")
+    note = lines.index(
+        "epoch 5 is kept only because the resumed run restored it: a Checkpointer protects the "
+        "checkpoint"
+    )
+    assert lines[note + 1] == (
+        "it resumed from for as long as its process runs; a later run's first save or prune "
+        "deletes it"
+    )
+    # What the note says: no retention rule keeps epoch 5, and the reference never had it.
+    root = tmp_path / "stores"
+    later = CheckpointStore(root / "resumed", keep_last=2, keep_best=2, monitor="val_loss")
+    assert later.prune(dry_run=True).delete == (5,)
+    assert 5 not in CheckpointStore(root / "reference")
+
+
+def test_kept_by_names_each_rule_and_each_protection() -> None:
+    """Rules get their option names; a protected step says whether it was resumed from or best."""
+    assert demo._kept_by(["last", "newest"], 9, restored=5, best=3) == "keep_last, newest"
+    assert demo._kept_by(["protected"], 5, restored=5, best=3) == "protected (resumed from)"
+    assert demo._kept_by(["best", "protected"], 3, restored=5, best=3) == (
+        "keep_best, protected (best)"
+    )
+    assert demo._kept_by(["protected"], 4, restored=4, best=4) == "protected (resumed from, best)"
+    assert demo._kept_by(["protected"], 7, restored=None, best=3) == "protected"
+    assert demo._kept_by(["all", "every", "pinned"], 7, restored=None, best=3) == (
+        "no rule set, keep_every, pinned"
+    )
 
 
 def test_demo_removes_its_temporary_directory(tmp_path: Path) -> None:
@@ -124,7 +170,11 @@ def test_train_on_a_finished_store_does_not_train_again(
     again = _events(capsys.readouterr().out)
     assert [e["event"] for e in again] == ["start", "done"]
     assert again[0]["restored"] == first["stop_step"]
-    assert again[-1] == first
+    assert {**again[-1], "kept": None} == {**first, "kept": None}
+    # Only what keeps the last step differs: the second run resumed from it, so protects it.
+    kept_first, kept_again = dict(first["kept"]), dict(again[-1]["kept"])
+    assert kept_first[first["stop_step"]] == ["last", "newest"]
+    assert kept_again == {**kept_first, first["stop_step"]: ["last", "protected", "newest"]}
 
 
 def test_training_state_round_trip_continues_identically(tmp_path: Path) -> None:

@@ -368,8 +368,8 @@ class CheckpointStore(StoreLocking):
     def protect(self, step: int) -> None:
         """Keep ``step`` from retention for the life of this store object (not persisted).
 
-        Used for the checkpoint this process resumed from and the one its stopping policy
-        holds as best. Calls nest: a step protected twice needs two :meth:`unprotect` calls.
+        Used for the checkpoint this process resumed from and the best checkpoint (by the
+        monitored value) of its ``Checkpointer``. Calls nest: a step protected twice needs two :meth:`unprotect` calls.
         """
         self._protected[check_step(step)] += 1
 

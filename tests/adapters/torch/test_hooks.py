@@ -319,7 +319,9 @@ def test_train_end_without_any_improvement_says_so(tmp_path: Path) -> None:
         restore_best=True,
     )
     callback.on_epoch_end(0, {"val_loss": math.nan})
-    with pytest.raises(CheckpointNotFoundError, match="no committed checkpoint has a finite .val_loss. metric"):
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"no committed checkpoint has a finite .val_loss. metric"
+    ):
         callback.on_train_end()
 
 

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import keras
+import keras  # type: ignore[import-untyped,unused-ignore]
 import numpy as np
 
 from ckptkit._checkpointer import Checkpointer
@@ -31,7 +31,7 @@ __all__ = ["CheckpointCallback"]
 FIT_METADATA_KEY = "keras_fit"
 
 
-class CheckpointCallback(keras.callbacks.Callback):
+class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
     """Checkpoint ``model.fit`` with exact resume, early stopping and best-k retention.
 
     Why: Keras's ``EarlyStopping`` forgets its counters when the process dies, and

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import keras
+import keras  # type: ignore[import-untyped,unused-ignore]
 import numpy as np
-import tensorflow as tf
-from keras.src.backend.common import global_state
-from keras.src.random import seed_generator as _seed_generator
-from tensorflow.python.ops import stateful_random_ops as _tf_random
+import tensorflow as tf  # type: ignore[import-untyped,unused-ignore]
 
 from ckptkit._errors import ConfigMismatchError, CorruptCheckpointError
+
+from . import _keras_private as private
 
 # Keras numbers auto-named objects per process ("dense", "dense_1", ...; "adam_1/dense_4_kernel_
 # momentum"): the numbers depend on what the process made before, not on the architecture.
@@ -193,14 +192,32 @@ def capture_rng() -> dict[str, Any]:
     Keras' and TF's are None where they have not been created yet (and loading such a state
     removes them again, so they are created the same way the next time they are needed).
     """
-    keras_gen = global_state.get_global_attribute(_seed_generator.GLOBAL_SEED_GENERATOR)
-    tf_gen = _tf_random.global_generator
+    keras_gen = private.keras_global_seed_generator()
+    tf_gen = private.tf_global_generator()
     return {
         "keras": None if keras_gen is None else np.asarray(keras_gen.state.numpy()),
         "tf": None if tf_gen is None else generator_state(tf_gen),
         "python": random.getstate(),
         "numpy": np.random.get_state(legacy=False),
     }
+
+
+def _check_python(saved: Any) -> None:
+    random.Random().setstate(saved)
+
+
+def _check_numpy(saved: Any) -> None:
+    np.random.RandomState().set_state(saved)
+
+
+def _check_keras_seed(saved: Any) -> None:
+    if saved is not None and to_numpy(saved).shape != (2,):
+        raise ValueError("expected an array of shape (2,)")
+
+
+def _check_tf_generator(saved: Any, where: str) -> None:
+    if saved is not None:
+        check_generator(saved, where, None)
 
 
 def check_rng(saved: Any, where: str) -> None:
@@ -211,11 +228,11 @@ def check_rng(saved: Any, where: str) -> None:
     """
     if not isinstance(saved, Mapping) or set(saved) != {"keras", "tf", "python", "numpy"}:
         raise CorruptCheckpointError(f"{where}: the saved random-generator state is malformed")
-    checks = {
-        "python": lambda s: random.Random().setstate(s),
-        "numpy": lambda s: np.random.RandomState().set_state(s),
-        "keras": lambda s: s is None or to_numpy(s).shape == (2,) or _fail(),
-        "tf": lambda s: s is None or check_generator(s, where, None),
+    checks: dict[str, Callable[[Any], None]] = {
+        "python": _check_python,
+        "numpy": _check_numpy,
+        "keras": _check_keras_seed,
+        "tf": lambda s: _check_tf_generator(s, where),
     }
     for name, check in checks.items():
         try:
@@ -226,22 +243,18 @@ def check_rng(saved: Any, where: str) -> None:
             ) from e
 
 
-def _fail() -> bool:
-    raise ValueError("expected an array of shape (2,)")
-
-
 def restore_rng(saved: Mapping[str, Any]) -> None:
     """Set the global generators to a state checked by :func:`check_rng`."""
     if saved["keras"] is None:
-        global_state.set_global_attribute(_seed_generator.GLOBAL_SEED_GENERATOR, None)
+        private.remove_keras_global_seed_generator()
     else:
         # Creating it draws from Python's generator, which is restored after.
-        gen = _seed_generator.global_seed_generator()
+        gen = private.make_keras_global_seed_generator()
         gen.state.assign(to_numpy(saved["keras"]).astype(gen.state.dtype))
     tf_saved = saved["tf"]
-    current = _tf_random.global_generator
+    current = private.tf_global_generator()
     if tf_saved is None:
-        _tf_random.global_generator = None
+        private.remove_tf_global_generator()
     elif current is not None and int(current.algorithm) == tf_saved["algorithm"]:
         current.reset(to_numpy(tf_saved["state"]))  # in place: tf.functions keep seeing it
     else:

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import keras
-import tensorflow as tf
+import keras  # type: ignore[import-untyped,unused-ignore]
+import tensorflow as tf  # type: ignore[import-untyped,unused-ignore]
 
 from ckptkit._errors import ConfigMismatchError
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore, StepSelector
 
+from . import _keras_private as private
 from ._keras_convert import (
     assign,
     capture,
@@ -172,7 +173,7 @@ class TFState:
 
     def __init__(self, *, rng: bool = False, **objects: Any) -> None:
         for name, obj in objects.items():
-            if not isinstance(obj, tf.__internal__.tracking.Trackable):
+            if not isinstance(obj, private.Trackable):
                 raise TypeError(
                     f"TFState({name}=...) is a {type(obj).__name__}: pass tf.Modules, "
                     "tf.Variables, tf.random.Generators or other trackable objects"
@@ -270,7 +271,7 @@ def state_to_tree(obj: Any) -> Any:
         return obj.state_dict()
     if isinstance(obj, keras.Model):
         return KerasState(obj, rng=False).state_dict()["model"]
-    if isinstance(obj, (tf.__internal__.tracking.Trackable, keras.Variable)):
+    if isinstance(obj, (private.Trackable, keras.Variable)):
         return _own_state(obj)
     return convert(obj)
 

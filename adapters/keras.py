@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 try:
-    import keras as _keras
+    import keras as _keras  # type: ignore[import-untyped,unused-ignore]
 except ImportError as e:  # pragma: no cover - exercised in the torch test environment
     raise ImportError(
         "ckptkit.adapters.keras needs Keras 3 and TensorFlow, which are not installed: "

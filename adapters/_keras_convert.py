@@ -4,7 +4,8 @@ A Keras model's (or optimizer's) variables are keyed ``"{index:04d}:{variable.pa
 ``.variables`` order: Keras paths can repeat (two layers may make ``"dense/kernel"``), and the
 index keeps every key unique. A plain ``tf.Module``'s variables are keyed by their path in the
 trackable object graph (``tf.train.TrackableView.children``, breadth first, the first path to
-each variable, names joined with ``/``), the names ``tf.train.Checkpoint`` uses too.
+each variable, names joined with ``/``), the names ``tf.train.Checkpoint`` uses too. An
+optimizer's variables are matched by position (:func:`match_by_position`).
 
 Everything is checked (keys, shapes, dtypes) before any variable is assigned, so a state that
 does not fit changes nothing. Arrays keep their dtype exactly: float16 as numpy's, bfloat16 as
@@ -31,6 +32,8 @@ from . import _keras_private as private
 _AUTO_NUMBER = re.compile(r"_\d+(?=[_/]|$)")
 _VARIABLE_TYPES = (tf.Variable, keras.Variable)
 
+Pairs = list[tuple[Any, np.ndarray[Any, Any]]]
+
 
 def show(items: Sequence[str]) -> str:
     """At most ten items of a list for an error message, then how many more there are."""
@@ -56,7 +59,7 @@ def convert(value: Any) -> Any:
     return to_numpy(value)
 
 
-def _spec(variable: Any) -> tuple[tuple[int, ...], str]:
+def spec(variable: Any) -> tuple[tuple[int, ...], str]:
     shape = tuple(int(d) for d in variable.shape)
     dtype = variable.dtype
     return shape, dtype if isinstance(dtype, str) else tf.as_dtype(dtype).name
@@ -74,9 +77,7 @@ def capture(keys: Sequence[str], variables: Sequence[Any]) -> dict[str, Any]:
     }
 
 
-def match(
-    keys: Sequence[str], variables: Sequence[Any], saved: Any, what: str, hint: str
-) -> list[tuple[Any, np.ndarray[Any, Any]]]:
+def match(keys: Sequence[str], variables: Sequence[Any], saved: Any, what: str, hint: str) -> Pairs:
     """Pair each variable with its saved value, checking keys, shapes and dtypes; assign nothing.
 
     Keys must be equal; for Keras keys (``"0003:dense_1/kernel"``) they may also differ only in
@@ -86,24 +87,68 @@ def match(
         ConfigMismatchError: naming the missing and unexpected keys, or each key whose saved
             shape or dtype differs from the variable's.
     """
-    if not isinstance(saved, Mapping):
-        raise ConfigMismatchError(
-            f"{what}: the saved state is a {type(saved).__name__}, not a dict of variables; {hint}"
-        )
+    saved = _mapping(saved, what, hint)
     by_key = dict(zip(keys, variables, strict=True))
     if set(saved) == set(by_key):
         pairs = [(key, by_key[key], saved[key]) for key in keys]
     elif len(saved) == len(keys) and all(isinstance(k, str) and ":" in k for k in saved):
         saved_keys = sorted(saved, key=lambda k: int(k.split(":", 1)[0]) if k[:4].isdigit() else -1)
         if [_AUTO_NUMBER.sub("", k) for k in saved_keys] != [_AUTO_NUMBER.sub("", k) for k in keys]:
-            raise _key_error(keys, saved, what, hint)
+            raise key_error(keys, saved, what, hint)
         pairs = [(key, v, saved[s]) for key, v, s in zip(keys, variables, saved_keys, strict=True)]
     else:
-        raise _key_error(keys, saved, what, hint)
+        raise key_error(keys, saved, what, hint)
+    return checked(pairs, what)
+
+
+def match_by_position(
+    keys: Sequence[str], variables: Sequence[Any], saved: Any, what: str, hint: str
+) -> Pairs:
+    """Pair the i-th variable with the i-th saved value (by the index in its key); assign nothing.
+
+    Keras itself loads an optimizer's variables by position: their paths depend on where and
+    under which name scope the optimizer was built (``model.fit`` builds it inside
+    ``"adam/"``), which says nothing about what they hold. Shapes and dtypes must still match.
+
+    Raises:
+        ConfigMismatchError: another number of variables (the missing and unexpected keys are
+            listed), or a variable whose saved shape or dtype differs.
+    """
+    saved = _mapping(saved, what, hint)
+    indexed = {}
+    for key in saved:
+        head = key.split(":", 1)[0] if isinstance(key, str) else ""
+        if head.isdigit():
+            indexed[int(head)] = key
+    if sorted(indexed) != list(range(len(keys))) or len(indexed) != len(saved):
+        raise key_error(keys, saved, what, hint)
+    return checked(
+        [
+            (key, variable, saved[indexed[i]])
+            for i, (key, variable) in enumerate(zip(keys, variables, strict=True))
+        ],
+        what,
+    )
+
+
+def _mapping(saved: Any, what: str, hint: str) -> Mapping[Any, Any]:
+    if not isinstance(saved, Mapping):
+        raise ConfigMismatchError(
+            f"{what}: the saved state is a {type(saved).__name__}, not a dict of variables; {hint}"
+        )
+    return saved
+
+
+def checked(triples: Sequence[tuple[str, Any, Any]], what: str) -> Pairs:
+    """Each (variable, array) whose saved value has the variable's shape and dtype.
+
+    Raises:
+        ConfigMismatchError: listing every key whose saved value does not fit.
+    """
     wrong, out = [], []
-    for key, variable, value in pairs:
+    for key, variable, value in triples:
         array = to_numpy(value)
-        shape, dtype = _spec(variable)
+        shape, dtype = spec(variable)
         if not isinstance(array, (np.ndarray, np.generic)):
             wrong.append(f"{key}: saved a {type(value).__name__}, here {shape} {dtype}")
         elif (tuple(array.shape), array.dtype.name) != (shape, dtype):
@@ -120,7 +165,8 @@ def match(
     return out
 
 
-def _key_error(keys: Sequence[str], saved: Mapping[Any, Any], what: str, hint: str) -> Exception:
+def key_error(keys: Sequence[str], saved: Mapping[Any, Any], what: str, hint: str) -> Exception:
+    """The error for saved keys that do not match ``keys``: what is missing, what is extra."""
     missing = sorted(k for k in keys if k not in saved)
     unexpected = sorted(str(k) for k in saved if k not in set(keys))
     empty = " (it has no variables yet: build it before loading)" if not keys else ""
@@ -130,7 +176,7 @@ def _key_error(keys: Sequence[str], saved: Mapping[Any, Any], what: str, hint: s
     )
 
 
-def assign(pairs: Sequence[tuple[Any, np.ndarray[Any, Any]]]) -> None:
+def assign(pairs: Pairs) -> None:
     """Assign each checked value to its variable."""
     for variable, array in pairs:
         variable.assign(array)

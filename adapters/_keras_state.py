@@ -17,6 +17,7 @@ from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore, StepSelector
 
 from . import _keras_private as private
+from ._keras_build import build_optimizer
 from ._keras_convert import (
     assign,
     capture,
@@ -27,6 +28,7 @@ from ._keras_convert import (
     generator_state,
     keras_keys,
     match,
+    match_by_position,
     restore_rng,
     to_numpy,
     trackable_variables,
@@ -43,15 +45,19 @@ class KerasState:
     loop, and what ``CheckpointCallback`` saves. The tree has three parts: ``"model"``, every
     variable in ``model.variables`` (trainable ones, BatchNorm statistics, the seed-generator
     states of Dropout and other random layers); ``"optimizer"``, every variable in
-    ``optimizer.variables`` (the iteration count, the learning rate, Adam's moments); and with
-    ``rng`` ``"rng"``: Keras' global seed generator, TF's global ``tf.random.Generator`` (each
-    if created), Python's ``random`` and NumPy's global state.
+    ``optimizer.variables`` (the iteration count, the learning rate, Adam's moments, EMA
+    averages and gradient accumulators), then any it holds without listing them there; and
+    with ``rng`` ``"rng"``: Keras' global seed generator, TF's global ``tf.random.Generator``
+    (each if created), Python's ``random`` and NumPy's global state.
 
     Variables are keyed ``"{index:04d}:{path}"``. Loading checks every key, shape and dtype
-    before it assigns anything; keys may differ only in Keras' auto-numbering (``dense_3``
-    for ``dense``), as in a model built again in the same process. An optimizer that is not
-    built yet is built over ``model.trainable_variables`` first: an unbuilt one has no moments
-    to restore. TF's legacy seeded ops (``tf.random.normal`` without a generator) keep state
+    before it assigns anything. Model keys may differ only in Keras' auto-numbering
+    (``dense_3`` for ``dense``), as in a model built again in the same process. Optimizer
+    variables are matched by position, as Keras loads them: their paths depend on where the
+    optimizer was built, not on what they hold; their number, shapes and dtypes must match.
+    An optimizer that is not built yet is built first, as ``model.fit`` builds it (under its
+    name scope, over ``model.trainable_variables``): an unbuilt one has no moments to restore.
+    TF's legacy seeded ops (``tf.random.normal`` without a generator) keep state
     no API exposes and are not saved: use ``keras.random`` or a ``tf.random.Generator``.
 
     Args:
@@ -80,12 +86,6 @@ class KerasState:
         opt = type(self.optimizer).__name__ if self.optimizer is not None else None
         return f"KerasState({type(self.model).__name__}, {opt}, rng={self.rng})"
 
-    def _optimizer_variables(self) -> list[Any]:
-        assert self.optimizer is not None
-        if not self.optimizer.built:
-            self.optimizer.build(self.model.trainable_variables)
-        return list(self.optimizer.variables)
-
     def state_dict(self) -> dict[str, Any]:
         """The model's and optimizer's variables and the RNG states, as one core tree.
 
@@ -100,7 +100,7 @@ class KerasState:
             )
         tree: dict[str, Any] = {"model": capture(keras_keys(variables), variables)}
         if self.optimizer is not None:
-            opt_vars = self._optimizer_variables()
+            opt_vars = build_optimizer(self.optimizer, self.model, "KerasState")
             tree["optimizer"] = capture(keras_keys(opt_vars), opt_vars)
         if self.rng:
             tree["rng"] = capture_rng()
@@ -125,8 +125,8 @@ class KerasState:
             keras_keys(variables), variables, tree["model"], f"{where}: part 'model'", _SAME_MODEL
         )
         if self.optimizer is not None:
-            opt_vars = self._optimizer_variables()
-            pairs += match(
+            opt_vars = build_optimizer(self.optimizer, self.model, where)
+            pairs += match_by_position(
                 keras_keys(opt_vars),
                 opt_vars,
                 tree["optimizer"],

@@ -1,0 +1,86 @@
+"""Building a Keras optimizer as ``model.fit`` does.
+
+``model.fit`` builds an optimizer on its first step, inside
+``keras.name_scope(optimizer.name)``, over ``model.trainable_variables``. The scope changes the
+paths of the variables an optimizer makes without ``add_variable`` (Nadam's ``u_product``,
+Adafactor's placeholders, a wrapped optimizer's slots), never their number, order, shapes or
+dtypes; so variables are matched by position, as Keras loads them itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras  # type: ignore[import-untyped,unused-ignore]
+
+
+def model_is_built(model: Any) -> bool:
+    """Whether a Keras model (or layer) has made its variables: Keras' own ``built`` flag.
+
+    A subclassed model holding a SeedGenerator has a variable before it is built, so the
+    variables alone do not say it.
+    """
+    return bool(model.built)
+
+
+def not_built(model: Any) -> str:
+    """What to do about a model that is not built, for an error message."""
+    return (
+        f"{type(model).__name__} is not built yet (a subclassed model makes its weights when "
+        "first called): call it on one batch (model(x[:1])) or model.build(input_shape) first"
+    )
+
+
+def build_optimizer(optimizer: Any, model: Any, where: str) -> list[Any]:
+    """Build ``optimizer`` over ``model.trainable_variables`` as fit does; return its state.
+
+    An unbuilt optimizer has no moments to save or restore, and one built over a model that
+    is not built yet would hold no slot for the variables the model makes later.
+
+    Returns:
+        :func:`optimizer_variables`.
+
+    Raises:
+        ValueError: the model is not built yet (the optimizer is left unbuilt).
+    """
+    if not optimizer.built:
+        if not model_is_built(model):
+            raise ValueError(
+                f"{where}: the optimizer cannot be built before the model: {not_built(model)}"
+            )
+        # The same scope as Optimizer.apply's on fit's first step, so variable paths agree.
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(model.trainable_variables)
+    return optimizer_variables(optimizer, model)
+
+
+def optimizer_variables(optimizer: Any, model: Any) -> list[Any]:
+    """Every variable of a built optimizer's state: ``optimizer.variables``, then those it hides.
+
+    An optimizer built inside a wrapper's ``build`` (LossScaleOptimizer's) makes its own
+    variables while Keras' attribute tracking is off, so a Nadam's ``u_product`` (or an
+    Adafactor's placeholders) is held but not listed in ``.variables``, and a resumed run
+    would start it over. Such variables (held in an attribute of the optimizer or of one it
+    wraps, directly or in a list; not the model's) come after the listed ones, by attribute
+    name, so the order is the same in every process.
+    """
+    listed = list(optimizer.variables)
+    seen = {id(v) for v in listed} | {id(v) for v in model.variables}
+    hidden = []
+    for owner in _with_wrapped(optimizer):
+        for _, value in sorted(vars(owner).items()):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if isinstance(item, keras.Variable) and id(item) not in seen:
+                    seen.add(id(item))
+                    hidden.append(item)
+    return listed + hidden
+
+
+def _wrapped(optimizer: Any) -> list[Any]:
+    inner = getattr(optimizer, "inner_optimizer", None)
+    return [inner] if inner is not None else list(getattr(optimizer, "optimizers", None) or [])
+
+
+def _with_wrapped(optimizer: Any) -> list[Any]:
+    return [optimizer, *(o for inner in _wrapped(optimizer) for o in _with_wrapped(inner))]

@@ -2,10 +2,9 @@
 
 A Keras model's (or optimizer's) variables are keyed ``"{index:04d}:{variable.path}"`` in
 ``.variables`` order: Keras paths can repeat (two layers may make ``"dense/kernel"``), and the
-index keeps every key unique. A plain ``tf.Module``'s variables are keyed by their path in the
-trackable object graph (``tf.train.TrackableView.children``, breadth first, the first path to
-each variable, names joined with ``/``), the names ``tf.train.Checkpoint`` uses too. An
-optimizer's variables are matched by position (:func:`match_by_position`).
+index keeps every key unique. Keras numbers auto-named objects per process (``dense``,
+``dense_1``, ...), so two keys that differ only in those numbers after the index are the same
+variable (:func:`match`). Optimizers are matched by position alone (:func:`match_by_position`).
 
 Everything is checked (keys, shapes, dtypes) before any variable is assigned, so a state that
 does not fit changes nothing. Arrays keep their dtype exactly: float16 as numpy's, bfloat16 as
@@ -30,7 +29,9 @@ from . import _keras_private as private
 # Keras numbers auto-named objects per process ("dense", "dense_1", ...; "adam_1/dense_4_kernel_
 # momentum"): the numbers depend on what the process made before, not on the architecture.
 _AUTO_NUMBER = re.compile(r"_\d+(?=[_/]|$)")
-_VARIABLE_TYPES = (tf.Variable, keras.Variable)
+# Where a Keras key starts in a key: at its start, or after a trackable path ("drop/0000:...").
+_KERAS_KEY = re.compile(r"(?:^|/)\d{4,}:")
+VARIABLE_TYPES = (tf.Variable, keras.Variable)
 
 Pairs = list[tuple[Any, np.ndarray[Any, Any]]]
 
@@ -43,7 +44,7 @@ def show(items: Sequence[str]) -> str:
 
 def to_numpy(value: Any) -> Any:
     """A tensor or variable's exact value as a numpy array (anything else unchanged)."""
-    if isinstance(value, (*_VARIABLE_TYPES, tf.Tensor)):
+    if isinstance(value, (*VARIABLE_TYPES, tf.Tensor)):
         return np.asarray(value.numpy())
     return value
 
@@ -60,14 +61,15 @@ def convert(value: Any) -> Any:
 
 
 def spec(variable: Any) -> tuple[tuple[int, ...], str]:
+    """A variable's shape and dtype name."""
     shape = tuple(int(d) for d in variable.shape)
     dtype = variable.dtype
     return shape, dtype if isinstance(dtype, str) else tf.as_dtype(dtype).name
 
 
-def keras_keys(variables: Sequence[Any]) -> list[str]:
-    """The key of each Keras variable: its index in ``variables`` and its path."""
-    return [f"{index:04d}:{variable.path}" for index, variable in enumerate(variables)]
+def keras_keys(variables: Sequence[Any], prefix: str = "") -> list[str]:
+    """The key of each Keras variable: ``prefix``, its index in ``variables`` and its path."""
+    return [f"{prefix}{index:04d}:{variable.path}" for index, variable in enumerate(variables)]
 
 
 def capture(keys: Sequence[str], variables: Sequence[Any]) -> dict[str, Any]:
@@ -77,11 +79,22 @@ def capture(keys: Sequence[str], variables: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def _normal(key: Any) -> Any:
+    """A key without Keras' per-process numbers in the Keras path after its index."""
+    if not isinstance(key, str):
+        return key
+    found = _KERAS_KEY.search(key)
+    if found is None:
+        return key
+    return key[: found.end()] + _AUTO_NUMBER.sub("", key[found.end() :])
+
+
 def match(keys: Sequence[str], variables: Sequence[Any], saved: Any, what: str, hint: str) -> Pairs:
     """Pair each variable with its saved value, checking keys, shapes and dtypes; assign nothing.
 
-    Keys must be equal; for Keras keys (``"0003:dense_1/kernel"``) they may also differ only in
-    Keras' auto-numbering, as in a model built again in the same process.
+    Keys must be equal, or differ only in Keras' auto-numbering after a Keras key's index
+    (``"0003:dense_1/kernel"`` for ``"0003:dense/kernel"``), as in a model built again in the
+    same process or built in another order.
 
     Raises:
         ConfigMismatchError: naming the missing and unexpected keys, or each key whose saved
@@ -90,15 +103,12 @@ def match(keys: Sequence[str], variables: Sequence[Any], saved: Any, what: str, 
     saved = _mapping(saved, what, hint)
     by_key = dict(zip(keys, variables, strict=True))
     if set(saved) == set(by_key):
-        pairs = [(key, by_key[key], saved[key]) for key in keys]
-    elif len(saved) == len(keys) and all(isinstance(k, str) and ":" in k for k in saved):
-        saved_keys = sorted(saved, key=lambda k: int(k.split(":", 1)[0]) if k[:4].isdigit() else -1)
-        if [_AUTO_NUMBER.sub("", k) for k in saved_keys] != [_AUTO_NUMBER.sub("", k) for k in keys]:
-            raise key_error(keys, saved, what, hint)
-        pairs = [(key, v, saved[s]) for key, v, s in zip(keys, variables, saved_keys, strict=True)]
-    else:
+        return checked([(key, by_key[key], saved[key]) for key in keys], what)
+    here = {_normal(key): key for key in keys}
+    there = {_normal(key): key for key in saved}
+    if len(here) != len(keys) or len(there) != len(saved) or set(here) != set(there):
         raise key_error(keys, saved, what, hint)
-    return checked(pairs, what)
+    return checked([(key, by_key[key], saved[there[normal]]) for normal, key in here.items()], what)
 
 
 def match_by_position(
@@ -176,35 +186,28 @@ def key_error(keys: Sequence[str], saved: Mapping[Any, Any], what: str, hint: st
     )
 
 
+def check_parts(tree: Any, names: set[str], where: str, how: str) -> None:
+    """Refuse a saved state whose parts are not exactly ``names``.
+
+    Raises:
+        ConfigMismatchError: naming the missing and unexpected parts.
+    """
+    if not isinstance(tree, Mapping):
+        raise ConfigMismatchError(
+            f"{where}: the saved state is a {type(tree).__name__}, not a dict"
+        )
+    missing, unexpected = sorted(names - set(tree)), sorted(set(tree) - names)
+    if missing or unexpected:
+        raise ConfigMismatchError(
+            f"{where}: the saved parts do not match: missing {missing}, unexpected "
+            f"{unexpected}; pass the same objects ({how}) as when it was saved"
+        )
+
+
 def assign(pairs: Pairs) -> None:
     """Assign each checked value to its variable."""
     for variable, array in pairs:
         variable.assign(array)
-
-
-def trackable_variables(root: Any) -> tuple[list[str], list[Any]]:
-    """The variables reachable from ``root`` in the trackable object graph, keyed by path.
-
-    Breadth first over ``tf.train.TrackableView.children``; a variable reached by several
-    paths is keyed by the first (the shortest), so each is saved once.
-    """
-    keys: list[str] = []
-    found: list[Any] = []
-    seen = {id(root)}
-    queue: list[tuple[str, Any]] = [("", root)]
-    while queue:
-        prefix, obj = queue.pop(0)
-        for name, child in tf.train.TrackableView.children(obj).items():
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = f"{prefix}{name}"
-            if isinstance(child, _VARIABLE_TYPES):
-                keys.append(path)
-                found.append(child)
-            else:
-                queue.append((f"{path}/", child))
-    return keys, found
 
 
 def generator_state(generator: tf.random.Generator) -> dict[str, Any]:

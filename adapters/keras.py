@@ -34,12 +34,12 @@ if _keras.backend.backend() != "tensorflow":
 from ._keras_callback import CheckpointCallback
 from ._keras_state import (
     KerasState,
-    TFState,
     load_state,
     save_state,
     state_to_tree,
     tree_to_state,
 )
+from ._keras_tf import TFState
 
 __all__ = [
     "CheckpointCallback",

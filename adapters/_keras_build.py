@@ -1,4 +1,10 @@
-"""Building a Keras optimizer as ``model.fit`` does.
+"""Building a Keras model and its optimizer as ``model.fit`` does, and what identifies each.
+
+A subclassed model has no weights until it is first called, and ``model.fit`` (on TensorFlow,
+without a distribution strategy) calls it only inside the first training step, after every
+callback's ``on_train_begin``. Keras records the shapes a model was built with
+(``get_build_config()``); calling the model once on symbolic ``keras.KerasTensor``s of those
+shapes makes the same variables, under the same name scopes, with no computation.
 
 ``model.fit`` builds an optimizer on its first step, inside
 ``keras.name_scope(optimizer.name)``, over ``model.trainable_variables``. The scope changes the
@@ -9,9 +15,15 @@ dtypes; so variables are matched by position, as Keras loads them itself.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import keras  # type: ignore[import-untyped,unused-ignore]
+
+from ckptkit._errors import ConfigMismatchError
+
+from ._keras_convert import convert
 
 
 def model_is_built(model: Any) -> bool:
@@ -29,6 +41,51 @@ def not_built(model: Any) -> str:
         f"{type(model).__name__} is not built yet (a subclassed model makes its weights when "
         "first called): call it on one batch (model(x[:1])) or model.build(input_shape) first"
     )
+
+
+def build_config(model: Any) -> Any:
+    """The shapes a built model was built with (``model.get_build_config()``) as JSON, or None.
+
+    None when Keras recorded none (a model built by hand) or the shapes are not plain ints.
+    """
+    try:
+        config = convert(model.get_build_config())
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return config if isinstance(config, Mapping) else None
+
+
+def build_model(model: Any, config: Any, where: str) -> None:
+    """Build an unbuilt model from a :func:`build_config`, by one symbolic call.
+
+    Raises:
+        ConfigMismatchError: there is no config, or the model cannot be called on those
+            shapes (the message says to build it by hand).
+    """
+    if model_is_built(model):
+        return
+    if not isinstance(config, Mapping) or not (
+        "input_shape" in config or isinstance(config.get("shapes_dict"), Mapping)
+    ):
+        raise ConfigMismatchError(
+            f"{where}: the checkpoint does not say how the model was built, and {not_built(model)}"
+        )
+
+    def symbolic(shape: Any) -> Any:
+        return keras.tree.map_shape_structure(keras.KerasTensor, shape)
+
+    try:
+        if "input_shape" in config:
+            model(symbolic(config["input_shape"]))
+        else:
+            shapes = config["shapes_dict"]
+            model(**{k.removesuffix("_shape"): symbolic(s) for k, s in shapes.items()})
+    except Exception as e:  # anything the model's own call() raises on these shapes
+        raise ConfigMismatchError(
+            f"{where}: building {type(model).__name__} from the checkpoint's input shapes "
+            f"{config} failed ({type(e).__name__}: {e}); {not_built(model)}"
+        ) from e
 
 
 def build_optimizer(optimizer: Any, model: Any, where: str) -> list[Any]:

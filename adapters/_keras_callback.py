@@ -23,12 +23,11 @@ from ckptkit._policy import Decision, StoppingPolicy
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore
 
+from ._keras_build import build_config, build_model
+from ._keras_resume import FIT_METADATA_KEY, fit_metadata, next_epoch
 from ._keras_state import KerasState
 
 __all__ = ["CheckpointCallback"]
-
-#: Metadata key of each checkpoint's place in ``fit``: ``{"epoch", "batch", "epoch_end"}``.
-FIT_METADATA_KEY = "keras_fit"
 
 
 class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
@@ -45,7 +44,8 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
       the policy and ``KerasState(model, model.optimizer)``;
     - ``on_train_begin``: resumes the latest checkpoint (state and policy) and makes ``fit``
       start at the epoch after it, as ``BackupAndRestore`` does; a run that had already
-      stopped trains no further epoch;
+      stopped trains no further epoch. A model that is not built yet (a subclassed model
+      before its first call) is first built from the input shapes the checkpoint recorded;
     - ``on_epoch_end``: reads the policy's monitor from ``logs``, observes it, saves with every
       numeric log as metrics, applies the store's retention, and sets
       ``model.stop_training`` when the policy says stop;
@@ -151,7 +151,7 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         Needs only the store, so it can be read before ``fit``; 0 when the store is empty.
         ``fit`` starts there even without it (``on_train_begin`` tells Keras).
         """
-        return _next_epoch(self.store.latest())
+        return next_epoch(self.store.latest())
 
     def set_model(self, model: Any) -> None:
         """Keep the model and build the checkpointer over its state (Keras calls this)."""
@@ -161,10 +161,20 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.checkpointer = Checkpointer(self.store, self.policy, state)
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
-        """Resume the latest checkpoint and make ``fit`` start at the epoch after it."""
+        """Resume the latest checkpoint and make ``fit`` start at the epoch after it.
+
+        Raises:
+            ConfigMismatchError: the model is not built and the checkpoint does not say how
+                to build it, or the checkpoint does not fit the model (nothing is changed).
+        """
         ckpt = self._checkpointer()
+        self.store.wait()
+        latest = self.store.latest()
+        if latest is not None:
+            where = f"CheckpointCallback: {self.store.root}, step {latest.step}"
+            build_model(self.model, fit_metadata(latest).get("build"), where)
         ckpt.resume()
-        start = _next_epoch(ckpt.resumed_from)
+        start = next_epoch(ckpt.resumed_from)
         if ckpt.should_stop:
             start = max(start, int(self.params.get("epochs") or 0))  # train no further epoch
         # Keras's own BackupAndRestore resumes fit this way; fit reads it after this event.
@@ -274,23 +284,20 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         return not self.save_best_only
 
     def _where(self, *, batch: int | None, epoch_end: bool) -> dict[str, Any]:
-        return {FIT_METADATA_KEY: {"epoch": self._epoch, "batch": batch, "epoch_end": epoch_end}}
+        return {
+            FIT_METADATA_KEY: {
+                "epoch": self._epoch,
+                "batch": batch,
+                "epoch_end": epoch_end,
+                "build": build_config(self.model),
+            }
+        }
 
     def _optimizer_steps(self) -> int:
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             return 0
         return int(optimizer.iterations.numpy())  # an int64 scalar variable
-
-
-def _next_epoch(record: CheckpointRecord | None) -> int:
-    """The epoch ``fit`` continues at after ``record``: the next one, or its own if mid-epoch."""
-    if record is None:
-        return 0
-    where = record.metadata.get(FIT_METADATA_KEY)
-    if isinstance(where, Mapping) and isinstance(where.get("epoch"), int):
-        return int(where["epoch"]) + (1 if where.get("epoch_end", True) else 0)
-    return record.step + 1
 
 
 def _numeric(logs: Mapping[str, Any] | None) -> dict[str, float]:

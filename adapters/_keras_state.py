@@ -13,11 +13,12 @@ from typing import Any
 import keras  # type: ignore[import-untyped,unused-ignore]
 import tensorflow as tf  # type: ignore[import-untyped,unused-ignore]
 
+from ckptkit._errors import ConfigMismatchError
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore, StepSelector
 
 from . import _keras_private as private
-from ._keras_build import build_optimizer
+from ._keras_build import build_optimizer, model_is_built, not_built
 from ._keras_convert import (
     VARIABLE_TYPES,
     assign,
@@ -60,7 +61,9 @@ class KerasState:
     exposes and are not saved: use ``keras.random`` or a ``tf.random.Generator``.
 
     Args:
-        model: a built Keras model (or layer).
+        model: a built Keras model (or layer). A subclassed model is built by its first
+            call; in a custom loop, call it on one batch (or ``model.build``) before loading.
+            ``CheckpointCallback`` builds it by itself.
         optimizer: its optimizer, usually ``model.optimizer``; None saves none.
         rng: capture and restore the global random generators (the part ``"rng"``).
 
@@ -89,13 +92,14 @@ class KerasState:
         """The model's and optimizer's variables and the RNG states, as one core tree.
 
         Raises:
-            ValueError: the model has no variables yet (build it first).
+            ValueError: the model is not built yet (build it first).
         """
         variables = list(self.model.variables)
-        if not variables:
+        if not model_is_built(self.model):
+            what = "has no variables yet" if not variables else "is not built yet"
             raise ValueError(
-                f"{type(self.model).__name__} has no variables yet: build it (call it on data, "
-                "or model.build(input_shape)) before saving its state"
+                f"{type(self.model).__name__} {what}: build it (call it on data, or "
+                "model.build(input_shape)) before saving its state"
             )
         tree: dict[str, Any] = {"model": capture(keras_keys(variables), variables)}
         if self.optimizer is not None:
@@ -109,8 +113,8 @@ class KerasState:
         """Restore the model, optimizer and RNG from a tree made by :meth:`state_dict`.
 
         Raises:
-            ConfigMismatchError: parts, variable keys, shapes or dtypes differ (all listed);
-                nothing is assigned then.
+            ConfigMismatchError: parts, variable keys, shapes or dtypes differ (all listed),
+                or the model is not built yet; nothing is assigned then.
             CorruptCheckpointError: the saved RNG state is malformed (nothing is assigned).
         """
         self._load(tree, "KerasState")
@@ -119,6 +123,12 @@ class KerasState:
         names = {"model"} | ({"optimizer"} if self.optimizer is not None else set())
         names |= {"rng"} if self.rng else set()
         check_parts(tree, names, where, "KerasState(model, optimizer, rng=...)")
+        if not model_is_built(self.model):
+            raise ConfigMismatchError(
+                f"{where}: part 'model': the saved variables do not match (it has no variables "
+                f"yet: build it before loading): {not_built(self.model)}; in model.fit, "
+                "CheckpointCallback builds it from the checkpoint by itself"
+            )
         variables = list(self.model.variables)
         pairs = match(
             keras_keys(variables), variables, tree["model"], f"{where}: part 'model'", _SAME_MODEL

@@ -1,4 +1,4 @@
-"""Optimizers built as ``model.fit`` builds them: under their name scope, with all their state."""
+"""Models and optimizers built as ``model.fit`` builds them: subclassed models, name scopes, hidden state."""
 
 from __future__ import annotations
 
@@ -28,6 +28,41 @@ X = RNG.normal(size=(48, 6)).astype("float32")
 Y = (np.tanh(X @ RNG.normal(size=(6, 1))) + 0.2 * RNG.normal(size=(48, 1))).astype("float32")
 
 
+class Noisy(keras.layers.Layer):
+    """A custom layer with its own weights (made in build) and its own SeedGenerator."""
+
+    def __init__(self, units: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+        self.noise = keras.random.SeedGenerator(5)
+
+    def build(self, input_shape: tuple[int, ...]) -> None:
+        self.w = self.add_weight(shape=(input_shape[-1], self.units), name="w")
+        self.gain = self.add_weight(shape=(self.units,), initializer="ones", name="gain")
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        y = keras.ops.tanh(x @ self.w) * self.gain
+        if training:
+            y = y + 0.05 * keras.random.normal(keras.ops.shape(y), seed=self.noise)
+        return y
+
+
+class Tied(keras.Model):
+    """Subclassed: a shared Noisy block used twice, Dropout, an output tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = keras.layers.Dense(8, activation="relu")
+        self.block = Noisy(8)
+        self.drop = keras.layers.Dropout(0.2)
+        self.head = keras.layers.Dense(1)
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        h = self.block(self.block(self.embed(x), training=training), training=training)
+        h = self.drop(h, training=training)
+        return self.head(h @ keras.ops.transpose(self.embed.kernel))
+
+
 def _functional_shared() -> Any:
     inputs = keras.Input((6,))
     shared = keras.layers.Dense(6, activation="tanh")
@@ -36,7 +71,17 @@ def _functional_shared() -> Any:
     return keras.Model(inputs, keras.layers.Dense(1)(h))
 
 
-MODELS = {"functional-shared": _functional_shared}
+def _sequential_unbuilt() -> Any:
+    return keras.Sequential(
+        [keras.layers.Dense(8, activation="relu"), keras.layers.Dropout(0.2), keras.layers.Dense(1)]
+    )
+
+
+MODELS = {
+    "functional-shared": _functional_shared,
+    "sequential-unbuilt": _sequential_unbuilt,
+    "subclassed-tied": Tied,
+}
 
 
 def _compiled(kind: str, optimizer: Any = None) -> Any:
@@ -68,6 +113,60 @@ def _digest(*groups: Any) -> str:
         for v in variables:
             h.update(np.asarray(v.numpy()).tobytes())
     return h.hexdigest()
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_models_of_every_kind_resume_bit_exactly_into_a_fresh_unbuilt_object(
+    kind: str, tmp_path: Path
+) -> None:
+    """Functional with a shared layer, Sequential without Input, subclassed with tied weights and a
+    custom SeedGenerator layer: a fresh (unbuilt) object resumes the store and ends bit-equal."""
+    whole = _compiled(kind)
+    _fit(whole, tmp_path / "whole", 2)
+
+    _fit(_compiled(kind), tmp_path / "run", 1)
+    resumed = _compiled(kind)
+    assert resumed.built == (kind == "functional-shared")
+    _fit(resumed, tmp_path / "run", 2)
+
+    assert _digest(resumed.variables, resumed.optimizer.variables) == _digest(
+        whole.variables, whole.optimizer.variables
+    )
+    assert len(CheckpointStore(tmp_path / "run")) == 2
+
+
+def test_a_checkpoint_without_input_shapes_says_how_to_build_the_model(tmp_path: Path) -> None:
+    """An unbuilt model and a checkpoint that does not record its input shapes: the message says what to call."""
+    built = _compiled("subclassed-tied")
+    built(X[:1])
+    store = CheckpointStore(tmp_path)
+    save_state(store, 0, KerasState(built, built.optimizer))  # no fit: no input shapes recorded
+    fresh = _compiled("subclassed-tied")
+    callback = CheckpointCallback(store)
+    with pytest.raises(ConfigMismatchError) as info:
+        fresh.fit(X, Y, epochs=2, verbose=0, callbacks=[callback])
+    assert str(info.value) == (
+        f"CheckpointCallback: {store.root}, step 0: the checkpoint does not say how the model "
+        "was built, and Tied is not built yet (a subclassed model makes its weights when first "
+        "called): call it on one batch (model(x[:1])) or model.build(input_shape) first"
+    )
+    unbuilt = _compiled("subclassed-tied")
+    with pytest.raises(ConfigMismatchError) as info:
+        load_state(store, KerasState(unbuilt, unbuilt.optimizer))
+    assert str(info.value).startswith(
+        f"{store.root}, step 0: part 'model': the saved variables do not match (it has no "
+        "variables yet: build it before loading): Tied is not built yet"
+    )
+    assert "CheckpointCallback builds it from the checkpoint by itself" in str(info.value)
+    assert not unbuilt.optimizer.built
+
+
+def test_the_optimizer_is_never_built_over_an_unbuilt_model() -> None:
+    """Saving an unbuilt model's state fails, and leaves its optimizer unbuilt (fit could not train it otherwise)."""
+    model = _compiled("subclassed-tied")
+    with pytest.raises(ValueError, match=r"Tied is not built yet: build it \(call it on data"):
+        KerasState(model, model.optimizer).state_dict()
+    assert not model.optimizer.built
 
 
 @pytest.mark.parametrize("name", ["Nadam", "Adafactor"])

@@ -169,10 +169,11 @@ def test_save_freq_n_saves_every_n_batches_numbered_by_optimizer_steps(tmp_path:
     records = CheckpointStore(tmp_path).records()
     # Each epoch's end (5, 11, 17) and whenever 4 batches were trained since the last save.
     assert [r.step for r in records] == [3, 5, 9, 11, 15, 17]
-    where = {r.step: r.metadata["keras_fit"] for r in records}
-    assert where[3] == {"epoch": 0, "batch": 4, "epoch_end": False}
-    assert where[5] == {"epoch": 0, "batch": None, "epoch_end": True}
-    assert where[9] == {"epoch": 1, "batch": 4, "epoch_end": False}
+    place = ("epoch", "batch", "epoch_end")
+    where = {r.step: [r.metadata["keras_fit"][k] for k in place] for r in records}
+    assert where[3] == [0, 4, False]
+    assert where[5] == [0, None, True]
+    assert where[9] == [1, 4, False]
     assert "loss" in records[0].metrics and "val_loss" not in records[0].metrics
     assert "val_loss" in records[1].metrics
 

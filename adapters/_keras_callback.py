@@ -24,7 +24,7 @@ from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore
 
 from ._keras_build import build_config, build_model
-from ._keras_resume import FIT_METADATA_KEY, fit_metadata, next_epoch
+from ._keras_resume import FIT_METADATA_KEY, counters, fit_metadata, next_epoch
 from ._keras_state import KerasState
 
 __all__ = ["CheckpointCallback"]
@@ -52,13 +52,15 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
     - ``on_train_end``: with ``restore_best_weights``, loads the best checkpoint.
 
     Steps: with ``save_freq="epoch"`` a checkpoint's step is its epoch (0-based, as Keras
-    counts). With ``save_freq=N`` a step counts optimizer steps: the checkpoint taken after
-    ``k`` batches have been trained since the first epoch has step ``k - 1``, both every ``N``
-    batches and at each epoch's end (where the policy observes, so its ``warmup`` and
-    ``best_step`` count optimizer steps too). A run resumed from a checkpoint taken inside an
-    epoch restarts that epoch from its first batch with the saved weights, as Keras's
-    ``BackupAndRestore`` does, so it is not bit-identical to an uninterrupted run; a run
-    resumed from an epoch's end is.
+    counts). With ``save_freq=N``, saves come every ``N`` batches counted across epochs, as
+    Keras' ``ModelCheckpoint(save_freq=N)`` counts them (``steps_per_execution`` included;
+    the count survives restarts), and also at each epoch's end, where the policy observes; a
+    save due at an epoch's last batch is that epoch-end save. Steps then count batches: the
+    checkpoint taken after ``k`` batches have been trained since the run began has step
+    ``k - 1`` (so the policy's ``warmup`` and ``best_step`` count batches too). A run resumed
+    from a checkpoint taken inside an epoch restarts that epoch from its first batch with the
+    saved weights, as Keras's ``BackupAndRestore`` does, so it is not bit-identical to an
+    uninterrupted run; a run resumed from an epoch's end is.
 
     Args:
         store: where checkpoints go (its ``keep_last``/``keep_best`` apply after each save).
@@ -135,7 +137,10 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         #: The record ``on_train_end`` restored; None until it has.
         self.best_record: CheckpointRecord | None = None
         self._epoch = 0
-        self._saved_at: int | None = None  # optimizer steps at the last save
+        self._batches = 0  # batches trained since the run began (across restarts)
+        self._since_save = 0  # batches since the last save_freq=N save, as ModelCheckpoint counts
+        self._batch_due = False  # a save_freq=N save is due before the next batch
+        self._batch_begin = 0
         self._batch_logs: dict[str, float] = {}
 
     def __repr__(self) -> str:
@@ -168,47 +173,58 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 to build it, or the checkpoint does not fit the model (nothing is changed).
         """
         ckpt = self._checkpointer()
+        self.last_decision = None
+        self.best_record = None
+        self._batch_due = False
+        self._batches = self._since_save = 0
         self.store.wait()
         latest = self.store.latest()
         if latest is not None:
             where = f"CheckpointCallback: {self.store.root}, step {latest.step}"
             build_model(self.model, fit_metadata(latest).get("build"), where)
         ckpt.resume()
-        start = next_epoch(ckpt.resumed_from)
+        record = ckpt.resumed_from
+        if record is not None:
+            self._batches, self._since_save = counters(record, self._optimizer_steps())
+        start = next_epoch(record)
         if ckpt.should_stop:
             start = max(start, int(self.params.get("epochs") or 0))  # train no further epoch
         # Keras's own BackupAndRestore resumes fit this way; fit reads it after this event.
         self.model._initial_epoch = start or None
-        self._saved_at = self._optimizer_steps()
-        self.last_decision = None
-        self.best_record = None
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Remember the epoch, for the metadata of saves inside it."""
         self._epoch = epoch
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        """With ``save_freq=N``, save when N more batches have been trained since the last save.
+        """Make the save ``save_freq=N`` made due at the previous batch's end.
 
         Saving at the start of the next batch (the same state as the end of the previous one)
         leaves an epoch's last batch to the epoch-end save, which also records the policy.
         """
-        if self.save_freq == "epoch" or self.save_best_only:
-            return
-        done = self._optimizer_steps()
-        if self._saved_at is not None and done - self._saved_at < self.save_freq:
-            return
-        if done == 0:
-            return
-        self._checkpointer().save(
-            done - 1, self._batch_logs, metadata=self._where(batch=batch, epoch_end=False)
-        )
-        self._saved_at = done
+        self._batch_begin = batch
+        if self._batch_due:
+            self._batch_due = False
+            self._checkpointer().save(
+                self._batches - 1, self._batch_logs, metadata=self._where(batch=batch)
+            )
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        """Keep the batch's numeric logs, the metrics of a save at the next batch's start."""
-        if self.save_freq != "epoch":
-            self._batch_logs = _numeric(logs)
+        """Count the batches trained; with ``save_freq=N``, see whether a save is due.
+
+        Keras' ModelCheckpoint counts batches since its last save across epochs (several per
+        call with ``steps_per_execution``) and saves once the count reaches N, then counts
+        from zero; this does the same.
+        """
+        trained = batch - self._batch_begin + 1
+        self._batches += trained
+        if self.save_freq == "epoch" or self.save_best_only:
+            return
+        self._batch_logs = _numeric(logs)
+        self._since_save += trained
+        if self._since_save >= self.save_freq:
+            self._since_save = 0
+            self._batch_due = True
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Observe the monitored metric, save if due, apply retention; stop when told to.
@@ -219,13 +235,12 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         """
         ckpt = self._checkpointer()
         metrics = _numeric(logs)
-        step = epoch if self.save_freq == "epoch" else self._optimizer_steps() - 1
-        meta = self._where(batch=None, epoch_end=True)
+        step = epoch if self.save_freq == "epoch" else self._batches - 1
+        self._batch_due = False  # a save due after the epoch's last batch is this epoch's save
         policy = self.policy
         if policy is None:
             if not self.save_best_only:
-                ckpt.save(step, metrics, metadata=meta)
-                self._saved_at = self._optimizer_steps()
+                ckpt.save(step, metrics, metadata=self._where(batch=None))
             return
         monitor = policy.monitor
         if monitor not in metrics:
@@ -236,8 +251,7 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         decision = policy.observe(metrics[monitor], step=step)
         self.last_decision = decision
         if self._due(decision, metrics[monitor]):
-            ckpt.save(step, metrics, metadata=meta)
-            self._saved_at = self._optimizer_steps()
+            ckpt.save(step, metrics, metadata=self._where(batch=None))
         if decision.should_stop:
             self.model.stop_training = True
 
@@ -283,12 +297,14 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         # Every epoch end otherwise, including the stop (so a restart stays stopped).
         return not self.save_best_only
 
-    def _where(self, *, batch: int | None, epoch_end: bool) -> dict[str, Any]:
+    def _where(self, *, batch: int | None) -> dict[str, Any]:
         return {
             FIT_METADATA_KEY: {
                 "epoch": self._epoch,
                 "batch": batch,
-                "epoch_end": epoch_end,
+                "epoch_end": batch is None,
+                "batches": self._batches,
+                "since_save": self._since_save,
                 "build": build_config(self.model),
             }
         }

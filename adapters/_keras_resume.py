@@ -4,6 +4,8 @@ Each checkpoint ``CheckpointCallback`` saves records, under the metadata key ``"
 its place in ``fit`` and what a restarted process needs before it can load it:
 
 - ``epoch``, ``batch`` (None at an epoch's end), ``epoch_end``: where in fit it was taken;
+- ``batches``: batches trained since the run began, and ``since_save``: batches since the
+  last save ``save_freq=N`` asked for (both count on across restarts);
 - ``build``: the input shapes the model was built with, to build an unbuilt (subclassed)
   model the same way before loading.
 """
@@ -33,3 +35,18 @@ def next_epoch(record: CheckpointRecord | None) -> int:
     if isinstance(where.get("epoch"), int):
         return int(where["epoch"]) + (1 if where.get("epoch_end", True) else 0)
     return record.step + 1
+
+
+def counters(record: CheckpointRecord, fallback_batches: int) -> tuple[int, int]:
+    """Batches trained, and batches since the last ``save_freq=N`` save, at ``record``.
+
+    ``fallback_batches`` (the optimizer's iteration count) stands in for checkpoints saved
+    before the callback recorded batches.
+    """
+    where = fit_metadata(record)
+    batches = where.get("batches")
+    since = where.get("since_save")
+    return (
+        batches if isinstance(batches, int) else fallback_batches,
+        since if isinstance(since, int) else 0,
+    )

@@ -33,7 +33,7 @@ def make_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 X, Y, XV, YV = make_data()
 
 
-def build(seed: int = 1) -> Any:
+def build(seed: int = 1, **compile_options: Any) -> Any:
     """A seeded MLP with Dropout, compiled with Adam (every run starts by seeding Keras)."""
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
@@ -44,7 +44,9 @@ def build(seed: int = 1) -> Any:
             keras.layers.Dense(1),
         ]
     )
-    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"], **compile_options
+    )
     return model
 
 
@@ -162,20 +164,63 @@ def test_a_val_monitor_without_validation_data_fails_at_the_first_epoch_end(
     assert len(CheckpointStore(tmp_path)) == 0
 
 
-def test_save_freq_n_saves_every_n_batches_numbered_by_optimizer_steps(tmp_path: Path) -> None:
-    """With save_freq=4 and 6 batches an epoch, steps are optimizer steps minus one."""
+def test_save_freq_n_saves_every_n_batches_numbered_by_batches(tmp_path: Path) -> None:
+    """With save_freq=4 and 6 batches an epoch, batch saves come every 4 batches across epochs."""
     callback = CheckpointCallback(CheckpointStore(tmp_path), save_freq=4)
     fit(build(), [callback], epochs=3)
     records = CheckpointStore(tmp_path).records()
-    # Each epoch's end (5, 11, 17) and whenever 4 batches were trained since the last save.
-    assert [r.step for r in records] == [3, 5, 9, 11, 15, 17]
-    place = ("epoch", "batch", "epoch_end")
-    where = {r.step: [r.metadata["keras_fit"][k] for k in place] for r in records}
-    assert where[3] == [0, 4, False]
-    assert where[5] == [0, None, True]
-    assert where[9] == [1, 4, False]
+    # After batches 4, 8, 12 and 16 counted from the start, and at each epoch's end (6, 12, 18):
+    # the save due after batch 12, an epoch's last, is that epoch's end save.
+    assert [r.step for r in records] == [3, 5, 7, 11, 15, 17]
+    where = {r.step: r.metadata["keras_fit"] for r in records}
+    place = ("epoch", "batch", "epoch_end", "batches")
+    assert [where[3][k] for k in place] == [0, 4, False, 4]
+    assert [where[5][k] for k in place] == [0, None, True, 6]
+    assert [where[7][k] for k in place] == [1, 2, False, 8]
     assert "loss" in records[0].metrics and "val_loss" not in records[0].metrics
     assert "val_loss" in records[1].metrics
+
+
+@pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_save_freq_n_counts_batches_as_model_checkpoint_does(
+    tmp_path: Path, steps_per_execution: int
+) -> None:
+    """save_freq=4 saves after the very batches Keras' ModelCheckpoint(save_freq=4) saves after.
+
+    Compared by the number of batches fit has reported at each save, counted from the start;
+    the callback also saves at each epoch's end. Each epoch has 6 batches; with
+    steps_per_execution=4, fit reports them as two executions of 4 (batches 0-3 and 4-7).
+    """
+    saver = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "keras-{epoch}-{batch}.weights.h5"), save_weights_only=True, save_freq=4
+    )
+    fit(build(steps_per_execution=steps_per_execution), [saver], epochs=3)
+    reported = -(-(len(X) // BATCH) // steps_per_execution) * steps_per_execution
+    keras_saves = set()
+    for path in tmp_path.glob("keras-*.weights.h5"):
+        _, epoch, batch = path.name.split(".")[0].split("-")
+        keras_saves.add((int(epoch) - 1) * reported + int(batch))
+    assert keras_saves == ({4, 8, 12, 16} if steps_per_execution == 1 else {4, 8, 12, 16, 20, 24})
+
+    store = CheckpointStore(tmp_path / "run")
+    model = build(steps_per_execution=steps_per_execution)
+    fit(model, [CheckpointCallback(store, save_freq=4)], epochs=3)
+    epoch_ends = {reported, 2 * reported, 3 * reported}
+    assert {r.step + 1 for r in store.records()} == keras_saves | epoch_ends
+
+
+def test_save_freq_n_counts_on_across_a_restart(tmp_path: Path) -> None:
+    """The batch count survives a restart: a run resumed at an epoch's end saves at the same batches."""
+    whole = CheckpointStore(tmp_path / "whole")
+    fit(build(), [CheckpointCallback(whole, save_freq=5)], epochs=3)
+    run = CheckpointStore(tmp_path / "run")
+    fit(build(), [CheckpointCallback(run, save_freq=5)], epochs=1)
+    fit(build(), [CheckpointCallback(run, save_freq=5)], epochs=3)
+    assert [r.step for r in whole.records()] == [4, 5, 9, 11, 14, 17]
+    assert [r.step for r in run.records()] == [r.step for r in whole.records()]
 
 
 def test_after_a_save_inside_an_epoch_fit_restarts_that_epoch(tmp_path: Path) -> None:

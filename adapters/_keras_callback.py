@@ -9,13 +9,11 @@ at the epoch the uninterrupted one would have, with the same weights.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import keras  # type: ignore[import-untyped,unused-ignore]
-import numpy as np
 
 from ckptkit._checkpointer import Checkpointer
 from ckptkit._errors import MissingMetricError
@@ -24,6 +22,7 @@ from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore
 
 from ._keras_build import build_config, build_model
+from ._keras_logs import missing_message, never_validated_message, numeric, validation_skipped
 from ._keras_resume import FIT_METADATA_KEY, counters, fit_metadata, next_epoch
 from ._keras_state import KerasState
 
@@ -48,7 +47,10 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
       before its first call) is first built from the input shapes the checkpoint recorded;
     - ``on_epoch_end``: reads the policy's monitor from ``logs``, observes it, saves with every
       numeric log as metrics, applies the store's retention, and sets
-      ``model.stop_training`` when the policy says stop;
+      ``model.stop_training`` when the policy says stop. An epoch whose logs hold no
+      validation metric at all (``fit(validation_freq=2)`` skips it) is not observed by a
+      ``val_`` policy: it is saved as a resume point, and patience counts observations, as in
+      Keras' ``EarlyStopping``;
     - ``on_train_end``: with ``restore_best_weights``, loads the best checkpoint.
 
     Steps: with ``save_freq="epoch"`` a checkpoint's step is its epoch (0-based, as Keras
@@ -142,6 +144,8 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._batch_due = False  # a save_freq=N save is due before the next batch
         self._batch_begin = 0
         self._batch_logs: dict[str, float] = {}
+        self._unobserved: list[int] = []  # epochs a val_ policy could not observe, this fit
+        self._observed = False
 
     def __repr__(self) -> str:
         return (
@@ -176,6 +180,8 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.last_decision = None
         self.best_record = None
         self._batch_due = False
+        self._unobserved = []
+        self._observed = False
         self._batches = self._since_save = 0
         self.store.wait()
         latest = self.store.latest()
@@ -220,7 +226,7 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._batches += trained
         if self.save_freq == "epoch" or self.save_best_only:
             return
-        self._batch_logs = _numeric(logs)
+        self._batch_logs = numeric(logs)
         self._since_save += trained
         if self._since_save >= self.save_freq:
             self._since_save = 0
@@ -230,11 +236,11 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         """Observe the monitored metric, save if due, apply retention; stop when told to.
 
         Raises:
-            MissingMetricError: ``logs`` lacks the monitored metric; the message lists the
-                keys there are (and says to pass validation data for a ``val_`` metric).
+            MissingMetricError: ``logs`` lacks the monitored metric although fit computed
+                others of its kind; the message lists the keys there are.
         """
         ckpt = self._checkpointer()
-        metrics = _numeric(logs)
+        metrics = numeric(logs)
         step = epoch if self.save_freq == "epoch" else self._batches - 1
         self._batch_due = False  # a save due after the epoch's last batch is this epoch's save
         policy = self.policy
@@ -244,7 +250,17 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
             return
         monitor = policy.monitor
         if monitor not in metrics:
-            raise MissingMetricError(_missing_message(monitor, epoch, logs or {}))
+            if not validation_skipped(monitor, metrics):
+                raise MissingMetricError(missing_message(monitor, epoch, logs or {}))
+            # fit ran no validation this epoch (validation_freq): nothing to observe, but the
+            # epoch is still a point to resume from.
+            self._unobserved.append(epoch)
+            if policy.should_stop:
+                self.model.stop_training = True
+            elif not self.save_best_only:
+                ckpt.save(step, metrics, metadata=self._where(batch=None))
+            return
+        self._observed = True
         if policy.should_stop:
             self.model.stop_training = True
             return
@@ -260,13 +276,27 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
         When the best was not saved (every value was NaN, or none beat
         ``initial_value_threshold``), the weights stay as they are, with a ``UserWarning``.
+
+        Raises:
+            MissingMetricError: a ``val_`` policy never had a value to observe, in this fit
+                or before it: fit was given no validation data.
         """
         self.model._initial_epoch = None  # Keras keeps it on the model for later fits
+        policy = self.policy
+        if (
+            policy is not None
+            and self._unobserved
+            and not self._observed
+            and policy.state_dict()["observations"] == 0
+        ):
+            raise MissingMetricError(
+                never_validated_message(policy.monitor, self._unobserved, logs or {})
+            )
         if not self.restore_best_weights:
             return
         ckpt = self._checkpointer()
-        best = self.policy.best_step if self.policy is not None else None
-        if self.policy is not None and (best is None or best not in self.store):
+        best = policy.best_step if policy is not None else None
+        if policy is not None and (best is None or best not in self.store):
             what = "no value improved" if best is None else f"step {best} was not saved"
             warnings.warn(
                 f"restore_best_weights: {what} in {self.store.root}, so the model keeps its "
@@ -314,32 +344,3 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if optimizer is None:
             return 0
         return int(optimizer.iterations.numpy())  # an int64 scalar variable
-
-
-def _numeric(logs: Mapping[str, Any] | None) -> dict[str, float]:
-    """The logs that are real numbers (Python, numpy or 0-d tensors), as floats."""
-    out: dict[str, float] = {}
-    for name, value in (logs or {}).items():
-        if isinstance(value, bool) or not isinstance(name, str):
-            continue
-        if isinstance(value, numbers.Real):
-            out[name] = float(value)
-            continue
-        array = np.asarray(value) if getattr(value, "ndim", None) == 0 else None
-        if array is not None and array.dtype.kind in "iuf":
-            out[name] = float(array)
-    return out
-
-
-def _missing_message(monitor: str, epoch: int, logs: Mapping[str, Any]) -> str:
-    names = sorted(logs)
-    if monitor.startswith("val_") and not any(n.startswith("val_") for n in names):
-        return (
-            f"epoch {epoch}: the policy monitors {monitor!r}, but fit computed no validation "
-            f"metrics (logs have only {names}); pass validation_data= (or validation_split=) "
-            "to model.fit, or monitor a training metric"
-        )
-    return (
-        f"epoch {epoch}: the policy monitors {monitor!r}, which is not in the epoch's logs "
-        f"{names}; monitor one of those (Keras names metrics after compile(metrics=...))"
-    )

@@ -150,18 +150,55 @@ def test_a_missing_monitored_key_raises_naming_the_keys_there_are(tmp_path: Path
     )
 
 
-def test_a_val_monitor_without_validation_data_fails_at_the_first_epoch_end(
-    tmp_path: Path,
-) -> None:
-    """Monitoring ``val_loss`` with no validation data says to pass validation_data."""
+def test_a_val_monitor_without_validation_data_fails_at_the_end_of_fit(tmp_path: Path) -> None:
+    """Monitoring ``val_loss`` with no validation data: each epoch is saved, and fit ends saying to pass it.
+
+    An epoch without validation metrics may be one ``validation_freq`` skips, so only a fit
+    that never validated (and a policy that never observed) is known to lack validation data.
+    """
     callback = CheckpointCallback(CheckpointStore(tmp_path), StoppingPolicy(monitor="val_loss"))
     with pytest.raises(MissingMetricError, match="pass validation_data=") as info:
         fit(build(), [callback], epochs=3, validation_data=None)
-    assert str(info.value).startswith(
-        "epoch 0: the policy monitors 'val_loss', but fit computed no validation metrics "
-        "(logs have only ['loss', 'mae'])"
+    assert str(info.value) == (
+        "epochs 0 to 2: the policy monitors 'val_loss', but fit computed no validation metrics "
+        "(logs have only ['loss', 'mae']), so the policy never observed a value; pass "
+        "validation_data= (or validation_split=) to model.fit, or monitor a training metric"
     )
-    assert len(CheckpointStore(tmp_path)) == 0
+    assert [r.step for r in CheckpointStore(tmp_path).records()] == [0, 1, 2]
+
+
+@pytest.mark.filterwarnings(
+    "ignore:Early stopping conditioned on metric `val_loss` which is not available:UserWarning"
+)
+def test_epochs_without_validation_are_saved_but_not_observed(tmp_path: Path) -> None:
+    """With validation_freq=2 the policy counts only validated epochs, stopping where EarlyStopping does.
+
+    Every epoch is saved (those without validation carry no val_loss), and a run restarted
+    after an unvalidated epoch stops at the same epoch.
+    """
+    options = {"patience": 1, "min_delta": 0.02}
+    keras_stop = keras.callbacks.EarlyStopping(monitor="val_loss", **options)
+    ref_history = fit(build(), [keras_stop], epochs=40, validation_freq=2)
+    assert keras_stop.stopped_epoch > 0, "the data must make EarlyStopping stop early"
+
+    policy = StoppingPolicy(monitor="val_loss", **options)
+    store = CheckpointStore(tmp_path / "whole")
+    history = fit(build(), [CheckpointCallback(store, policy)], epochs=40, validation_freq=2)
+    assert history.epoch == ref_history.epoch
+    assert (policy.stop_step, policy.best_step) == (keras_stop.stopped_epoch, keras_stop.best_epoch)
+    assert policy.state_dict()["observations"] == len(history.epoch) // 2
+    records = store.records()
+    assert [r.step for r in records] == history.epoch
+    assert ["val_loss" in r.metrics for r in records] == [e % 2 == 1 for e in history.epoch]
+
+    restarted = StoppingPolicy(monitor="val_loss", **options)
+    run = tmp_path / "run"
+    fit(build(), [CheckpointCallback(CheckpointStore(run))], epochs=3, validation_freq=2)
+    again = fit(
+        build(), [CheckpointCallback(CheckpointStore(run), restarted)], epochs=40, validation_freq=2
+    )
+    assert again.epoch == history.epoch[3:]
+    assert restarted.stop_step == policy.stop_step
 
 
 def test_save_freq_n_saves_every_n_batches_numbered_by_batches(tmp_path: Path) -> None:

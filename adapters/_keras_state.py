@@ -36,6 +36,7 @@ from ._keras_tf import TFState, own_state
 
 _SAME_MODEL = "load it into a model built like the one it was saved from (same layers, same order)"
 _SAME_OPTIMIZER = "use the same optimizer class and options, over the same model"
+_PARTS = {"model", "optimizer", "rng"}
 
 
 class KerasState:
@@ -219,8 +220,10 @@ def load_state(store: CheckpointStore, state: Any, step: StepSelector = None) ->
     """Load checkpoint ``step`` (None: the latest; ``"best"``) into ``state``, in place.
 
     Args:
-        state: a :class:`KerasState` or :class:`TFState`; a Keras model, ``tf.Module``,
-            ``tf.Variable``, ``tf.random.Generator`` or ``tf.data`` iterator saved on its own.
+        state: a :class:`KerasState` or :class:`TFState`; a ``tf.Module``, ``tf.Variable``,
+            ``tf.random.Generator`` or ``tf.data`` iterator saved on its own; or a Keras
+            model, from a checkpoint of that model alone or from the ``"model"`` part of a
+            KerasState checkpoint (what ``CheckpointCallback`` saves): its weights only.
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError: from the store.
@@ -228,13 +231,18 @@ def load_state(store: CheckpointStore, state: Any, step: StepSelector = None) ->
 
     Example:
         >>> record = load_state(store, KerasState(model, model.optimizer))
+        >>> record = load_state(store, model, "best")  # the weights of a fit's best epoch
     """
     loaded = store.load_checkpoint(step)
     where = f"{store.root}, step {loaded.record.step}"
     if isinstance(state, (KerasState, TFState)):
         state._load(loaded.state, where)
     elif isinstance(state, keras.Model):
-        KerasState(state, rng=False)._load({"model": loaded.state}, where)
+        saved = loaded.state
+        if isinstance(saved, Mapping) and "model" in saved and set(saved) <= _PARTS:
+            KerasState(state, rng=False)._load({"model": saved["model"]}, where)
+        else:
+            KerasState(state, rng=False)._load({"model": saved}, where)
     else:
         TFState(part=state)._load({"part": loaded.state}, where)
     return loaded.record

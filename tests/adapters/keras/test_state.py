@@ -391,3 +391,16 @@ def test_tfstate_keys_keras_objects_as_keras_state_does(tmp_path):
     load_state(store, TFState(net=model, opt=opt))
     for variable, value in zip(opt.variables, saved, strict=True):
         assert variable.numpy().tobytes() == value.tobytes()
+
+
+def test_a_keras_model_loads_its_weights_from_a_keras_state_checkpoint(tmp_path):
+    """load_state(store, model) takes the "model" part of what KerasState (or fit's callback) saved."""
+    keras.backend.clear_session()
+    model = _compiled()
+    _fit(model, 1)
+    store = _saved(tmp_path, model)
+    other = _compiled()
+    assert _weights(other) != _weights(model)
+    record = load_state(store, other)
+    assert record.step == 1 and _weights(other) == _weights(model)
+    assert not other.optimizer.built  # the weights only

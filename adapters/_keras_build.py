@@ -10,11 +10,13 @@ shapes makes the same variables, under the same name scopes, with no computation
 ``keras.name_scope(optimizer.name)``, over ``model.trainable_variables``. The scope changes the
 paths of the variables an optimizer makes without ``add_variable`` (Nadam's ``u_product``,
 Adafactor's placeholders, a wrapped optimizer's slots), never their number, order, shapes or
-dtypes; so variables are matched by position, as Keras loads them itself.
+dtypes; so variables are matched by position, as Keras loads them itself, and
+:func:`signature` identifies an optimizer by its class and those shapes and dtypes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +25,7 @@ import keras  # type: ignore[import-untyped,unused-ignore]
 
 from ckptkit._errors import ConfigMismatchError
 
-from ._keras_convert import convert
+from ._keras_convert import convert, spec
 
 
 def model_is_built(model: Any) -> bool:
@@ -141,3 +143,29 @@ def _wrapped(optimizer: Any) -> list[Any]:
 
 def _with_wrapped(optimizer: Any) -> list[Any]:
     return [optimizer, *(o for inner in _wrapped(optimizer) for o in _with_wrapped(inner))]
+
+
+def kind(optimizer: Any) -> str:
+    """The optimizer's class, with the classes of the optimizers it wraps.
+
+    ``"Adam"``, ``"LossScaleOptimizer(Adam)"``, ``"MultiOptimizer(Adam, SGD)"``.
+    """
+    wrapped = _wrapped(optimizer)
+    name = type(optimizer).__qualname__
+    return f"{name}({', '.join(kind(o) for o in wrapped)})" if wrapped else name
+
+
+def signature(optimizer: Any, model: Any) -> dict[str, Any]:
+    """What makes two built optimizers interchangeable: class, variable count, shapes, dtypes.
+
+    Plain JSON, small whatever the model's size (the shapes and dtypes as a digest), for a
+    checkpoint's metadata. Hyperparameters are not part of it: the learning rate is a
+    variable, saved and restored with the others.
+    """
+    variables = optimizer_variables(optimizer, model)
+    specs = json.dumps([spec(v) for v in variables], separators=(",", ":"))
+    return {
+        "class": kind(optimizer),
+        "variables": len(variables),
+        "digest": hashlib.sha256(specs.encode()).hexdigest()[:16],
+    }

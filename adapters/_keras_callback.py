@@ -21,9 +21,9 @@ from ckptkit._policy import Decision, StoppingPolicy
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore
 
-from ._keras_build import build_config, build_model
+from ._keras_build import build_config, signature
 from ._keras_logs import missing_message, never_validated_message, numeric, validation_skipped
-from ._keras_resume import FIT_METADATA_KEY, counters, fit_metadata, next_epoch
+from ._keras_resume import FIT_METADATA_KEY, next_epoch, start
 from ._keras_state import KerasState
 
 __all__ = ["CheckpointCallback"]
@@ -44,7 +44,10 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
     - ``on_train_begin``: resumes the latest checkpoint (state and policy) and makes ``fit``
       start at the epoch after it, as ``BackupAndRestore`` does; a run that had already
       stopped trains no further epoch. A model that is not built yet (a subclassed model
-      before its first call) is first built from the input shapes the checkpoint recorded;
+      before its first call) is first built from the input shapes the checkpoint recorded.
+      A fit whose optimizer differs from the checkpoint's (another class, or other trainable
+      variables: layers unfrozen and the model compiled again) starts a new training stage
+      instead, with a :class:`NewStageWarning` (see the Keras tutorial for the rule);
     - ``on_epoch_end``: reads the policy's monitor from ``logs``, observes it, saves with every
       numeric log as metrics, applies the store's retention, and sets
       ``model.stop_training`` when the policy says stop. An epoch whose logs hold no
@@ -146,6 +149,8 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._batch_logs: dict[str, float] = {}
         self._unobserved: list[int] = []  # epochs a val_ policy could not observe, this fit
         self._observed = False
+        self._previous_stages: list[dict[str, Any]] = []  # before this fit's stage
+        self._replayed = False  # this fit's stage was over: it trained nothing
 
     def __repr__(self) -> str:
         return (
@@ -170,11 +175,12 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.checkpointer = Checkpointer(self.store, self.policy, state)
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
-        """Resume the latest checkpoint and make ``fit`` start at the epoch after it.
+        """Resume (or replay, or start a new stage) and make ``fit`` start at the right epoch.
 
         Raises:
             ConfigMismatchError: the model is not built and the checkpoint does not say how
                 to build it, or the checkpoint does not fit the model (nothing is changed).
+            ValueError: a new stage would start after ``fit``'s last epoch.
         """
         ckpt = self._checkpointer()
         self.last_decision = None
@@ -182,21 +188,12 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._batch_due = False
         self._unobserved = []
         self._observed = False
-        self._batches = self._since_save = 0
         self.store.wait()
-        latest = self.store.latest()
-        if latest is not None:
-            where = f"CheckpointCallback: {self.store.root}, step {latest.step}"
-            build_model(self.model, fit_metadata(latest).get("build"), where)
-        ckpt.resume()
-        record = ckpt.resumed_from
-        if record is not None:
-            self._batches, self._since_save = counters(record, self._optimizer_steps())
-        start = next_epoch(record)
-        if ckpt.should_stop:
-            start = max(start, int(self.params.get("epochs") or 0))  # train no further epoch
+        begun = start(ckpt, self.model, int(self.params.get("epochs") or 0))
+        self._batches, self._since_save = begun.batches, begun.since_save
+        self._previous_stages, self._replayed = begun.previous_stages, begun.replayed
         # Keras's own BackupAndRestore resumes fit this way; fit reads it after this event.
-        self.model._initial_epoch = start or None
+        self.model._initial_epoch = begun.epoch or None
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Remember the epoch, for the metadata of saves inside it."""
@@ -296,6 +293,8 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
             return
         ckpt = self._checkpointer()
         best = policy.best_step if policy is not None else None
+        if self._replayed and (policy is None or best is None or best not in self.store):
+            return  # a stage that is over, its best gone: the later stage's fit resumes its own
         if policy is not None and (best is None or best not in self.store):
             what = "no value improved" if best is None else f"step {best} was not saved"
             warnings.warn(
@@ -328,6 +327,9 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         return not self.save_best_only
 
     def _where(self, *, batch: int | None) -> dict[str, Any]:
+        state = self._checkpointer().state
+        optimizer = state.optimizer if isinstance(state, KerasState) else None
+        here = None if optimizer is None else signature(optimizer, self.model)
         return {
             FIT_METADATA_KEY: {
                 "epoch": self._epoch,
@@ -335,12 +337,8 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 "epoch_end": batch is None,
                 "batches": self._batches,
                 "since_save": self._since_save,
+                "optimizer": here,
                 "build": build_config(self.model),
+                "previous_stages": self._previous_stages,
             }
         }
-
-    def _optimizer_steps(self) -> int:
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is None:
-            return 0
-        return int(optimizer.iterations.numpy())  # an int64 scalar variable

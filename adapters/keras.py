@@ -32,6 +32,7 @@ if _keras.backend.backend() != "tensorflow":
     )
 
 from ._keras_callback import CheckpointCallback
+from ._keras_resume import NewStageWarning
 from ._keras_state import (
     KerasState,
     load_state,
@@ -44,6 +45,7 @@ from ._keras_tf import TFState
 __all__ = [
     "CheckpointCallback",
     "KerasState",
+    "NewStageWarning",
     "TFState",
     "load_state",
     "save_state",

@@ -15,7 +15,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 keras = pytest.importorskip("keras")
 
 from ckptkit import CheckpointStore, ConfigMismatchError  # noqa: E402
-from ckptkit.adapters._keras_build import optimizer_variables  # noqa: E402
+from ckptkit.adapters._keras_build import optimizer_variables, signature  # noqa: E402
 from ckptkit.adapters.keras import (  # noqa: E402
     CheckpointCallback,
     KerasState,
@@ -222,3 +222,20 @@ def test_optimizer_variables_must_match_in_shape_and_dtype(tmp_path: Path) -> No
     )
     assert "saved (7,) float32, here (6, 6) float32" in str(info.value)
     assert _digest(other.variables) == before
+
+
+def test_signature_tells_optimizers_apart_by_class_and_variables_not_by_learning_rate() -> None:
+    """Adam and AdamW differ; so do Adam over other trainable variables; Adam at another rate does not."""
+
+    def sig(optimizer: Any, frozen: bool = False) -> dict[str, Any]:
+        model = _compiled("functional-shared", optimizer)
+        model.layers[1].trainable = not frozen
+        KerasState(model, model.optimizer).state_dict()  # builds it as fit would
+        return signature(model.optimizer, model)
+
+    adam = sig(keras.optimizers.Adam(1e-3))
+    assert sig(keras.optimizers.Adam(1e-5)) == adam
+    assert sig(keras.optimizers.AdamW(1e-3)) == {**adam, "class": "AdamW"}
+    assert sig(keras.optimizers.Adam(1e-3), frozen=True)["variables"] < adam["variables"]
+    lso = sig(keras.optimizers.LossScaleOptimizer(keras.optimizers.Nadam()))
+    assert lso["class"] == "LossScaleOptimizer(Nadam)"

@@ -1,9 +1,10 @@
 """Exact resume of ``model.fit``: a run SIGKILLed after a save, then resumed, ends bit for bit the same.
 
 Each run is a worker script in a fresh process: ``fit_worker.py`` (Dropout, Adam, NumPy data
-in order), ``optimizers_worker.py`` (every Keras optimizer, fit twice on one store) and
-``tape_worker.py`` (a GradientTape loop through TFState). A killed run is resumed by a new
-process; its final variables must equal the uninterrupted run's byte for byte.
+in order), ``stages_worker.py`` (a subclassed model fine-tuned in two stages),
+``optimizers_worker.py`` (every Keras optimizer, fit twice on one store) and ``tape_worker.py``
+(a GradientTape loop through TFState). A killed run is resumed by a new process; its final
+variables must equal the uninterrupted run's byte for byte.
 """
 
 from __future__ import annotations
@@ -120,6 +121,42 @@ def test_gradient_tape_loop_killed_after_a_save_resumes_bit_exactly(tmp_path: Pa
     assert killed.code == -signal.SIGKILL, killed.lines
     assert after <= resumed.first("resumed ") < 12, resumed.lines
     assert resumed.digest == ref.digest
+
+
+STAGES_WORKER = str(Path(__file__).parent / "workers" / "stages_worker.py")
+
+
+def test_two_stage_fine_tuning_of_a_subclassed_model_killed_anywhere_resumes_bit_exactly(
+    tmp_path: Path,
+) -> None:
+    """Killed inside stage 2, the restarted script (both fits again) ends the same.
+
+    In the new process the unbuilt subclassed model is built from the checkpoint, stage 1
+    finds that a later stage followed and trains nothing, and stage 2 resumes.
+    (tests/adapters/keras/test_stages.py kills between the stages, in one process.)
+    """
+    kills = {"in stage 2": 5}
+
+    def trial(name: str) -> tuple[Run, Run]:
+        root = tmp_path / name.replace(" ", "-")
+        killed = run_and_kill(root, kills[name], STAGES_WORKER)
+        return killed, run_to_end(root, STAGES_WORKER)
+
+    with ThreadPoolExecutor(2) as pool:
+        reference = pool.submit(run_to_end, tmp_path / "reference", STAGES_WORKER)
+        trials = {name: pool.submit(trial, name) for name in kills}
+        ref = reference.result()
+        results = {name: t.result() for name, t in trials.items()}
+
+    assert ref.code == 0 and ref.digest is not None, ref.lines
+    assert ref.lines[:1] == ["stage 1 0"] and "stage 2 3" in ref.lines, ref.lines
+    for name, (killed, resumed) in results.items():
+        assert killed.code == -signal.SIGKILL, (name, killed.lines)
+        assert resumed.code == 0, (name, resumed.lines)
+        assert resumed.digest == ref.digest, f"killed {name}: diverged"
+    # The restarts' first fit starts past stage 1's epochs: it trains nothing.
+    for _, resumed in results.values():
+        assert int(resumed.lines[0].split()[2]) >= 3, resumed.lines
 
 
 OPTIMIZERS_WORKER = str(Path(__file__).parent / "workers" / "optimizers_worker.py")

@@ -51,14 +51,14 @@ def build(seed: int = 1, **compile_options: Any) -> Any:
 
 
 def fit(model: Any, callbacks: list[Any], epochs: int, **kwargs: Any) -> Any:
-    """``model.fit`` on the fixed data, in order, silently."""
+    """``model.fit`` on the fixed data, in order unless told otherwise, silently."""
     kwargs.setdefault("validation_data", (XV, YV))
+    kwargs.setdefault("shuffle", False)
     return model.fit(
         X,
         Y,
         epochs=epochs,
         batch_size=BATCH,
-        shuffle=False,
         verbose=0,
         callbacks=callbacks,
         **kwargs,
@@ -258,6 +258,44 @@ def test_save_freq_n_counts_on_across_a_restart(tmp_path: Path) -> None:
     fit(build(), [CheckpointCallback(run, save_freq=5)], epochs=3)
     assert [r.step for r in whole.records()] == [4, 5, 9, 11, 14, 17]
     assert [r.step for r in run.records()] == [r.step for r in whole.records()]
+
+
+def test_numpy_arrays_shuffled_by_fit_resume_bit_exactly_after_set_random_seed(
+    tmp_path: Path,
+) -> None:
+    """fit(shuffle=True) on NumPy arrays, stopped after 2 epochs and restarted, ends bit-equal."""
+    reference = build()
+    fit(reference, [CheckpointCallback(CheckpointStore(tmp_path / "ref"))], epochs=4, shuffle=True)
+    fit(build(), [CheckpointCallback(CheckpointStore(tmp_path / "run"))], epochs=2, shuffle=True)
+    model = build()  # the restart: keras.utils.set_random_seed(1) again
+    history = fit(
+        model, [CheckpointCallback(CheckpointStore(tmp_path / "run"))], epochs=4, shuffle=True
+    )
+    assert history.epoch == [2, 3]
+    assert digest(model) == digest(reference)
+    unshuffled = build()
+    fit(unshuffled, [], epochs=4)
+    assert digest(unshuffled) != digest(reference)  # the order did change
+
+
+def test_fit_shuffles_numpy_arrays_with_one_permutation_per_seed() -> None:
+    """After set_random_seed, fit(shuffle=True) uses the same permutation every epoch (why resume is exact)."""
+    seen: list[int] = []
+
+    class Record(keras.layers.Layer):
+        def call(self, x: Any, training: bool = False) -> Any:
+            if training:
+                seen.extend(int(v) for v in x[:, 0].numpy())
+            return x
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((1,)), Record(), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+    x = np.arange(12, dtype="float32")[:, None]
+    model.fit(x, np.zeros((12, 1), "float32"), batch_size=4, epochs=3, shuffle=True, verbose=0)
+    epochs = [seen[i : i + 12] for i in range(0, 36, 12)]
+    assert epochs[0] == epochs[1] == epochs[2]
+    assert sorted(epochs[0]) == list(range(12)) and epochs[0] != list(range(12))
 
 
 def test_after_a_save_inside_an_epoch_fit_restarts_that_epoch(tmp_path: Path) -> None:

@@ -9,13 +9,11 @@ at the epoch the uninterrupted one would have, with the same weights.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import keras
-import numpy as np
+import keras  # type: ignore[import-untyped,unused-ignore]
 
 from ckptkit._checkpointer import Checkpointer
 from ckptkit._errors import MissingMetricError
@@ -23,15 +21,15 @@ from ckptkit._policy import Decision, StoppingPolicy
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore
 
+from ._keras_build import build_config, signature
+from ._keras_logs import missing_message, never_validated_message, numeric, validation_skipped
+from ._keras_resume import FIT_METADATA_KEY, next_epoch, start
 from ._keras_state import KerasState
 
 __all__ = ["CheckpointCallback"]
 
-#: Metadata key of each checkpoint's place in ``fit``: ``{"epoch", "batch", "epoch_end"}``.
-FIT_METADATA_KEY = "keras_fit"
 
-
-class CheckpointCallback(keras.callbacks.Callback):
+class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
     """Checkpoint ``model.fit`` with exact resume, early stopping and best-k retention.
 
     Why: Keras's ``EarlyStopping`` forgets its counters when the process dies, and
@@ -45,20 +43,29 @@ class CheckpointCallback(keras.callbacks.Callback):
       the policy and ``KerasState(model, model.optimizer)``;
     - ``on_train_begin``: resumes the latest checkpoint (state and policy) and makes ``fit``
       start at the epoch after it, as ``BackupAndRestore`` does; a run that had already
-      stopped trains no further epoch;
+      stopped trains no further epoch. A model that is not built yet (a subclassed model
+      before its first call) is first built from the input shapes the checkpoint recorded.
+      A fit whose optimizer differs from the checkpoint's (another class, or other trainable
+      variables: layers unfrozen and the model compiled again) starts a new training stage
+      instead, with a :class:`NewStageWarning` (see the Keras tutorial for the rule);
     - ``on_epoch_end``: reads the policy's monitor from ``logs``, observes it, saves with every
       numeric log as metrics, applies the store's retention, and sets
-      ``model.stop_training`` when the policy says stop;
+      ``model.stop_training`` when the policy says stop. An epoch whose logs hold no
+      validation metric at all (``fit(validation_freq=2)`` skips it) is not observed by a
+      ``val_`` policy: it is saved as a resume point, and patience counts observations, as in
+      Keras' ``EarlyStopping``;
     - ``on_train_end``: with ``restore_best_weights``, loads the best checkpoint.
 
     Steps: with ``save_freq="epoch"`` a checkpoint's step is its epoch (0-based, as Keras
-    counts). With ``save_freq=N`` a step counts optimizer steps: the checkpoint taken after
-    ``k`` batches have been trained since the first epoch has step ``k - 1``, both every ``N``
-    batches and at each epoch's end (where the policy observes, so its ``warmup`` and
-    ``best_step`` count optimizer steps too). A run resumed from a checkpoint taken inside an
-    epoch restarts that epoch from its first batch with the saved weights, as Keras's
-    ``BackupAndRestore`` does, so it is not bit-identical to an uninterrupted run; a run
-    resumed from an epoch's end is.
+    counts). With ``save_freq=N``, saves come every ``N`` batches counted across epochs, as
+    Keras' ``ModelCheckpoint(save_freq=N)`` counts them (``steps_per_execution`` included;
+    the count survives restarts), and also at each epoch's end, where the policy observes; a
+    save due at an epoch's last batch is that epoch-end save. Steps then count batches: the
+    checkpoint taken after ``k`` batches have been trained since the run began has step
+    ``k - 1`` (so the policy's ``warmup`` and ``best_step`` count batches too). A run resumed
+    from a checkpoint taken inside an epoch restarts that epoch from its first batch with the
+    saved weights, as Keras's ``BackupAndRestore`` does, so it is not bit-identical to an
+    uninterrupted run; a run resumed from an epoch's end is.
 
     Args:
         store: where checkpoints go (its ``keep_last``/``keep_best`` apply after each save).
@@ -135,8 +142,15 @@ class CheckpointCallback(keras.callbacks.Callback):
         #: The record ``on_train_end`` restored; None until it has.
         self.best_record: CheckpointRecord | None = None
         self._epoch = 0
-        self._saved_at: int | None = None  # optimizer steps at the last save
+        self._batches = 0  # batches trained since the run began (across restarts)
+        self._since_save = 0  # batches since the last save_freq=N save, as ModelCheckpoint counts
+        self._batch_due = False  # a save_freq=N save is due before the next batch
+        self._batch_begin = 0
         self._batch_logs: dict[str, float] = {}
+        self._unobserved: list[int] = []  # epochs a val_ policy could not observe, this fit
+        self._observed = False
+        self._previous_stages: list[dict[str, Any]] = []  # before this fit's stage
+        self._replayed = False  # this fit's stage was over: it trained nothing
 
     def __repr__(self) -> str:
         return (
@@ -151,7 +165,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         Needs only the store, so it can be read before ``fit``; 0 when the store is empty.
         ``fit`` starts there even without it (``on_train_begin`` tells Keras).
         """
-        return _next_epoch(self.store.latest())
+        return next_epoch(self.store.latest())
 
     def set_model(self, model: Any) -> None:
         """Keep the model and build the checkpointer over its state (Keras calls this)."""
@@ -161,73 +175,96 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.checkpointer = Checkpointer(self.store, self.policy, state)
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
-        """Resume the latest checkpoint and make ``fit`` start at the epoch after it."""
+        """Resume (or replay, or start a new stage) and make ``fit`` start at the right epoch.
+
+        Raises:
+            ConfigMismatchError: the model is not built and the checkpoint does not say how
+                to build it, or the checkpoint does not fit the model (nothing is changed).
+            ValueError: a new stage would start after ``fit``'s last epoch.
+        """
         ckpt = self._checkpointer()
-        ckpt.resume()
-        start = _next_epoch(ckpt.resumed_from)
-        if ckpt.should_stop:
-            start = max(start, int(self.params.get("epochs") or 0))  # train no further epoch
-        # Keras's own BackupAndRestore resumes fit this way; fit reads it after this event.
-        self.model._initial_epoch = start or None
-        self._saved_at = self._optimizer_steps()
         self.last_decision = None
         self.best_record = None
+        self._batch_due = False
+        self._unobserved = []
+        self._observed = False
+        self.store.wait()
+        begun = start(ckpt, self.model, int(self.params.get("epochs") or 0))
+        self._batches, self._since_save = begun.batches, begun.since_save
+        self._previous_stages, self._replayed = begun.previous_stages, begun.replayed
+        # Keras's own BackupAndRestore resumes fit this way; fit reads it after this event.
+        self.model._initial_epoch = begun.epoch or None
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Remember the epoch, for the metadata of saves inside it."""
         self._epoch = epoch
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        """With ``save_freq=N``, save when N more batches have been trained since the last save.
+        """Make the save ``save_freq=N`` made due at the previous batch's end.
 
         Saving at the start of the next batch (the same state as the end of the previous one)
         leaves an epoch's last batch to the epoch-end save, which also records the policy.
         """
-        if self.save_freq == "epoch" or self.save_best_only:
-            return
-        done = self._optimizer_steps()
-        if self._saved_at is not None and done - self._saved_at < self.save_freq:
-            return
-        if done == 0:
-            return
-        self._checkpointer().save(
-            done - 1, self._batch_logs, metadata=self._where(batch=batch, epoch_end=False)
-        )
-        self._saved_at = done
+        self._batch_begin = batch
+        if self._batch_due:
+            self._batch_due = False
+            self._checkpointer().save(
+                self._batches - 1, self._batch_logs, metadata=self._where(batch=batch)
+            )
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        """Keep the batch's numeric logs, the metrics of a save at the next batch's start."""
-        if self.save_freq != "epoch":
-            self._batch_logs = _numeric(logs)
+        """Count the batches trained; with ``save_freq=N``, see whether a save is due.
+
+        Keras' ModelCheckpoint counts batches since its last save across epochs (several per
+        call with ``steps_per_execution``) and saves once the count reaches N, then counts
+        from zero; this does the same.
+        """
+        trained = batch - self._batch_begin + 1
+        self._batches += trained
+        if self.save_freq == "epoch" or self.save_best_only:
+            return
+        self._batch_logs = numeric(logs)
+        self._since_save += trained
+        if self._since_save >= self.save_freq:
+            self._since_save = 0
+            self._batch_due = True
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Observe the monitored metric, save if due, apply retention; stop when told to.
 
         Raises:
-            MissingMetricError: ``logs`` lacks the monitored metric; the message lists the
-                keys there are (and says to pass validation data for a ``val_`` metric).
+            MissingMetricError: ``logs`` lacks the monitored metric although fit computed
+                others of its kind; the message lists the keys there are.
         """
         ckpt = self._checkpointer()
-        metrics = _numeric(logs)
-        step = epoch if self.save_freq == "epoch" else self._optimizer_steps() - 1
-        meta = self._where(batch=None, epoch_end=True)
+        metrics = numeric(logs)
+        step = epoch if self.save_freq == "epoch" else self._batches - 1
+        self._batch_due = False  # a save due after the epoch's last batch is this epoch's save
         policy = self.policy
         if policy is None:
             if not self.save_best_only:
-                ckpt.save(step, metrics, metadata=meta)
-                self._saved_at = self._optimizer_steps()
+                ckpt.save(step, metrics, metadata=self._where(batch=None))
             return
         monitor = policy.monitor
         if monitor not in metrics:
-            raise MissingMetricError(_missing_message(monitor, epoch, logs or {}))
+            if not validation_skipped(monitor, metrics):
+                raise MissingMetricError(missing_message(monitor, epoch, logs or {}))
+            # fit ran no validation this epoch (validation_freq): nothing to observe, but the
+            # epoch is still a point to resume from.
+            self._unobserved.append(epoch)
+            if policy.should_stop:
+                self.model.stop_training = True
+            elif not self.save_best_only:
+                ckpt.save(step, metrics, metadata=self._where(batch=None))
+            return
+        self._observed = True
         if policy.should_stop:
             self.model.stop_training = True
             return
         decision = policy.observe(metrics[monitor], step=step)
         self.last_decision = decision
         if self._due(decision, metrics[monitor]):
-            ckpt.save(step, metrics, metadata=meta)
-            self._saved_at = self._optimizer_steps()
+            ckpt.save(step, metrics, metadata=self._where(batch=None))
         if decision.should_stop:
             self.model.stop_training = True
 
@@ -236,13 +273,29 @@ class CheckpointCallback(keras.callbacks.Callback):
 
         When the best was not saved (every value was NaN, or none beat
         ``initial_value_threshold``), the weights stay as they are, with a ``UserWarning``.
+
+        Raises:
+            MissingMetricError: a ``val_`` policy never had a value to observe, in this fit
+                or before it: fit was given no validation data.
         """
         self.model._initial_epoch = None  # Keras keeps it on the model for later fits
+        policy = self.policy
+        if (
+            policy is not None
+            and self._unobserved
+            and not self._observed
+            and policy.state_dict()["observations"] == 0
+        ):
+            raise MissingMetricError(
+                never_validated_message(policy.monitor, self._unobserved, logs or {})
+            )
         if not self.restore_best_weights:
             return
         ckpt = self._checkpointer()
-        best = self.policy.best_step if self.policy is not None else None
-        if self.policy is not None and (best is None or best not in self.store):
+        best = policy.best_step if policy is not None else None
+        if self._replayed and (policy is None or best is None or best not in self.store):
+            return  # a stage that is over, its best gone: the later stage's fit resumes its own
+        if policy is not None and (best is None or best not in self.store):
             what = "no value improved" if best is None else f"step {best} was not saved"
             warnings.warn(
                 f"restore_best_weights: {what} in {self.store.root}, so the model keeps its "
@@ -273,50 +326,19 @@ class CheckpointCallback(keras.callbacks.Callback):
         # Every epoch end otherwise, including the stop (so a restart stays stopped).
         return not self.save_best_only
 
-    def _where(self, *, batch: int | None, epoch_end: bool) -> dict[str, Any]:
-        return {FIT_METADATA_KEY: {"epoch": self._epoch, "batch": batch, "epoch_end": epoch_end}}
-
-    def _optimizer_steps(self) -> int:
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is None:
-            return 0
-        return int(optimizer.iterations.numpy())  # an int64 scalar variable
-
-
-def _next_epoch(record: CheckpointRecord | None) -> int:
-    """The epoch ``fit`` continues at after ``record``: the next one, or its own if mid-epoch."""
-    if record is None:
-        return 0
-    where = record.metadata.get(FIT_METADATA_KEY)
-    if isinstance(where, Mapping) and isinstance(where.get("epoch"), int):
-        return int(where["epoch"]) + (1 if where.get("epoch_end", True) else 0)
-    return record.step + 1
-
-
-def _numeric(logs: Mapping[str, Any] | None) -> dict[str, float]:
-    """The logs that are real numbers (Python, numpy or 0-d tensors), as floats."""
-    out: dict[str, float] = {}
-    for name, value in (logs or {}).items():
-        if isinstance(value, bool) or not isinstance(name, str):
-            continue
-        if isinstance(value, numbers.Real):
-            out[name] = float(value)
-            continue
-        array = np.asarray(value) if getattr(value, "ndim", None) == 0 else None
-        if array is not None and array.dtype.kind in "iuf":
-            out[name] = float(array)
-    return out
-
-
-def _missing_message(monitor: str, epoch: int, logs: Mapping[str, Any]) -> str:
-    names = sorted(logs)
-    if monitor.startswith("val_") and not any(n.startswith("val_") for n in names):
-        return (
-            f"epoch {epoch}: the policy monitors {monitor!r}, but fit computed no validation "
-            f"metrics (logs have only {names}); pass validation_data= (or validation_split=) "
-            "to model.fit, or monitor a training metric"
-        )
-    return (
-        f"epoch {epoch}: the policy monitors {monitor!r}, which is not in the epoch's logs "
-        f"{names}; monitor one of those (Keras names metrics after compile(metrics=...))"
-    )
+    def _where(self, *, batch: int | None) -> dict[str, Any]:
+        state = self._checkpointer().state
+        optimizer = state.optimizer if isinstance(state, KerasState) else None
+        here = None if optimizer is None else signature(optimizer, self.model)
+        return {
+            FIT_METADATA_KEY: {
+                "epoch": self._epoch,
+                "batch": batch,
+                "epoch_end": batch is None,
+                "batches": self._batches,
+                "since_save": self._since_save,
+                "optimizer": here,
+                "build": build_config(self.model),
+                "previous_stages": self._previous_stages,
+            }
+        }

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 try:
-    import keras as _keras
+    import keras as _keras  # type: ignore[import-untyped,unused-ignore]
 except ImportError as e:  # pragma: no cover - exercised in the torch test environment
     raise ImportError(
         "ckptkit.adapters.keras needs Keras 3 and TensorFlow, which are not installed: "
@@ -32,18 +32,20 @@ if _keras.backend.backend() != "tensorflow":
     )
 
 from ._keras_callback import CheckpointCallback
+from ._keras_resume import NewStageWarning
 from ._keras_state import (
     KerasState,
-    TFState,
     load_state,
     save_state,
     state_to_tree,
     tree_to_state,
 )
+from ._keras_tf import TFState
 
 __all__ = [
     "CheckpointCallback",
     "KerasState",
+    "NewStageWarning",
     "TFState",
     "load_state",
     "save_state",

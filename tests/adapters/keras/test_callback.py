@@ -33,7 +33,7 @@ def make_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 X, Y, XV, YV = make_data()
 
 
-def build(seed: int = 1) -> Any:
+def build(seed: int = 1, **compile_options: Any) -> Any:
     """A seeded MLP with Dropout, compiled with Adam (every run starts by seeding Keras)."""
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
@@ -44,19 +44,21 @@ def build(seed: int = 1) -> Any:
             keras.layers.Dense(1),
         ]
     )
-    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"], **compile_options
+    )
     return model
 
 
 def fit(model: Any, callbacks: list[Any], epochs: int, **kwargs: Any) -> Any:
-    """``model.fit`` on the fixed data, in order, silently."""
+    """``model.fit`` on the fixed data, in order unless told otherwise, silently."""
     kwargs.setdefault("validation_data", (XV, YV))
+    kwargs.setdefault("shuffle", False)
     return model.fit(
         X,
         Y,
         epochs=epochs,
         batch_size=BATCH,
-        shuffle=False,
         verbose=0,
         callbacks=callbacks,
         **kwargs,
@@ -148,33 +150,152 @@ def test_a_missing_monitored_key_raises_naming_the_keys_there_are(tmp_path: Path
     )
 
 
-def test_a_val_monitor_without_validation_data_fails_at_the_first_epoch_end(
-    tmp_path: Path,
-) -> None:
-    """Monitoring ``val_loss`` with no validation data says to pass validation_data."""
+def test_a_val_monitor_without_validation_data_fails_at_the_end_of_fit(tmp_path: Path) -> None:
+    """Monitoring ``val_loss`` with no validation data: each epoch is saved, and fit ends saying to pass it.
+
+    An epoch without validation metrics may be one ``validation_freq`` skips, so only a fit
+    that never validated (and a policy that never observed) is known to lack validation data.
+    """
     callback = CheckpointCallback(CheckpointStore(tmp_path), StoppingPolicy(monitor="val_loss"))
     with pytest.raises(MissingMetricError, match="pass validation_data=") as info:
         fit(build(), [callback], epochs=3, validation_data=None)
-    assert str(info.value).startswith(
-        "epoch 0: the policy monitors 'val_loss', but fit computed no validation metrics "
-        "(logs have only ['loss', 'mae'])"
+    assert str(info.value) == (
+        "epochs 0 to 2: the policy monitors 'val_loss', but fit computed no validation metrics "
+        "(logs have only ['loss', 'mae']), so the policy never observed a value; pass "
+        "validation_data= (or validation_split=) to model.fit, or monitor a training metric"
     )
-    assert len(CheckpointStore(tmp_path)) == 0
+    assert [r.step for r in CheckpointStore(tmp_path).records()] == [0, 1, 2]
 
 
-def test_save_freq_n_saves_every_n_batches_numbered_by_optimizer_steps(tmp_path: Path) -> None:
-    """With save_freq=4 and 6 batches an epoch, steps are optimizer steps minus one."""
+@pytest.mark.filterwarnings(
+    "ignore:Early stopping conditioned on metric `val_loss` which is not available:UserWarning"
+)
+def test_epochs_without_validation_are_saved_but_not_observed(tmp_path: Path) -> None:
+    """With validation_freq=2 the policy counts only validated epochs, stopping where EarlyStopping does.
+
+    Every epoch is saved (those without validation carry no val_loss), and a run restarted
+    after an unvalidated epoch stops at the same epoch.
+    """
+    options = {"patience": 1, "min_delta": 0.02}
+    keras_stop = keras.callbacks.EarlyStopping(monitor="val_loss", **options)
+    ref_history = fit(build(), [keras_stop], epochs=40, validation_freq=2)
+    assert keras_stop.stopped_epoch > 0, "the data must make EarlyStopping stop early"
+
+    policy = StoppingPolicy(monitor="val_loss", **options)
+    store = CheckpointStore(tmp_path / "whole")
+    history = fit(build(), [CheckpointCallback(store, policy)], epochs=40, validation_freq=2)
+    assert history.epoch == ref_history.epoch
+    assert (policy.stop_step, policy.best_step) == (keras_stop.stopped_epoch, keras_stop.best_epoch)
+    assert policy.state_dict()["observations"] == len(history.epoch) // 2
+    records = store.records()
+    assert [r.step for r in records] == history.epoch
+    assert ["val_loss" in r.metrics for r in records] == [e % 2 == 1 for e in history.epoch]
+
+    restarted = StoppingPolicy(monitor="val_loss", **options)
+    run = tmp_path / "run"
+    fit(build(), [CheckpointCallback(CheckpointStore(run))], epochs=3, validation_freq=2)
+    again = fit(
+        build(), [CheckpointCallback(CheckpointStore(run), restarted)], epochs=40, validation_freq=2
+    )
+    assert again.epoch == history.epoch[3:]
+    assert restarted.stop_step == policy.stop_step
+
+
+def test_save_freq_n_saves_every_n_batches_numbered_by_batches(tmp_path: Path) -> None:
+    """With save_freq=4 and 6 batches an epoch, batch saves come every 4 batches across epochs."""
     callback = CheckpointCallback(CheckpointStore(tmp_path), save_freq=4)
     fit(build(), [callback], epochs=3)
     records = CheckpointStore(tmp_path).records()
-    # Each epoch's end (5, 11, 17) and whenever 4 batches were trained since the last save.
-    assert [r.step for r in records] == [3, 5, 9, 11, 15, 17]
+    # After batches 4, 8, 12 and 16 counted from the start, and at each epoch's end (6, 12, 18):
+    # the save due after batch 12, an epoch's last, is that epoch's end save.
+    assert [r.step for r in records] == [3, 5, 7, 11, 15, 17]
     where = {r.step: r.metadata["keras_fit"] for r in records}
-    assert where[3] == {"epoch": 0, "batch": 4, "epoch_end": False}
-    assert where[5] == {"epoch": 0, "batch": None, "epoch_end": True}
-    assert where[9] == {"epoch": 1, "batch": 4, "epoch_end": False}
+    place = ("epoch", "batch", "epoch_end", "batches")
+    assert [where[3][k] for k in place] == [0, 4, False, 4]
+    assert [where[5][k] for k in place] == [0, None, True, 6]
+    assert [where[7][k] for k in place] == [1, 2, False, 8]
     assert "loss" in records[0].metrics and "val_loss" not in records[0].metrics
     assert "val_loss" in records[1].metrics
+
+
+@pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_save_freq_n_counts_batches_as_model_checkpoint_does(
+    tmp_path: Path, steps_per_execution: int
+) -> None:
+    """save_freq=4 saves after the very batches Keras' ModelCheckpoint(save_freq=4) saves after.
+
+    Compared by the number of batches fit has reported at each save, counted from the start;
+    the callback also saves at each epoch's end. Each epoch has 6 batches; with
+    steps_per_execution=4, fit reports them as two executions of 4 (batches 0-3 and 4-7).
+    """
+    saver = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "keras-{epoch}-{batch}.weights.h5"), save_weights_only=True, save_freq=4
+    )
+    fit(build(steps_per_execution=steps_per_execution), [saver], epochs=3)
+    reported = -(-(len(X) // BATCH) // steps_per_execution) * steps_per_execution
+    keras_saves = set()
+    for path in tmp_path.glob("keras-*.weights.h5"):
+        _, epoch, batch = path.name.split(".")[0].split("-")
+        keras_saves.add((int(epoch) - 1) * reported + int(batch))
+    assert keras_saves == ({4, 8, 12, 16} if steps_per_execution == 1 else {4, 8, 12, 16, 20, 24})
+
+    store = CheckpointStore(tmp_path / "run")
+    model = build(steps_per_execution=steps_per_execution)
+    fit(model, [CheckpointCallback(store, save_freq=4)], epochs=3)
+    epoch_ends = {reported, 2 * reported, 3 * reported}
+    assert {r.step + 1 for r in store.records()} == keras_saves | epoch_ends
+
+
+def test_save_freq_n_counts_on_across_a_restart(tmp_path: Path) -> None:
+    """The batch count survives a restart: a run resumed at an epoch's end saves at the same batches."""
+    whole = CheckpointStore(tmp_path / "whole")
+    fit(build(), [CheckpointCallback(whole, save_freq=5)], epochs=3)
+    run = CheckpointStore(tmp_path / "run")
+    fit(build(), [CheckpointCallback(run, save_freq=5)], epochs=1)
+    fit(build(), [CheckpointCallback(run, save_freq=5)], epochs=3)
+    assert [r.step for r in whole.records()] == [4, 5, 9, 11, 14, 17]
+    assert [r.step for r in run.records()] == [r.step for r in whole.records()]
+
+
+def test_numpy_arrays_shuffled_by_fit_resume_bit_exactly_after_set_random_seed(
+    tmp_path: Path,
+) -> None:
+    """fit(shuffle=True) on NumPy arrays, stopped after 2 epochs and restarted, ends bit-equal."""
+    reference = build()
+    fit(reference, [CheckpointCallback(CheckpointStore(tmp_path / "ref"))], epochs=4, shuffle=True)
+    fit(build(), [CheckpointCallback(CheckpointStore(tmp_path / "run"))], epochs=2, shuffle=True)
+    model = build()  # the restart: keras.utils.set_random_seed(1) again
+    history = fit(
+        model, [CheckpointCallback(CheckpointStore(tmp_path / "run"))], epochs=4, shuffle=True
+    )
+    assert history.epoch == [2, 3]
+    assert digest(model) == digest(reference)
+    unshuffled = build()
+    fit(unshuffled, [], epochs=4)
+    assert digest(unshuffled) != digest(reference)  # the order did change
+
+
+def test_fit_shuffles_numpy_arrays_with_one_permutation_per_seed() -> None:
+    """After set_random_seed, fit(shuffle=True) uses the same permutation every epoch (why resume is exact)."""
+    seen: list[int] = []
+
+    class Record(keras.layers.Layer):
+        def call(self, x: Any, training: bool = False) -> Any:
+            if training:
+                seen.extend(int(v) for v in x[:, 0].numpy())
+            return x
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((1,)), Record(), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+    x = np.arange(12, dtype="float32")[:, None]
+    model.fit(x, np.zeros((12, 1), "float32"), batch_size=4, epochs=3, shuffle=True, verbose=0)
+    epochs = [seen[i : i + 12] for i in range(0, 36, 12)]
+    assert epochs[0] == epochs[1] == epochs[2]
+    assert sorted(epochs[0]) == list(range(12)) and epochs[0] != list(range(12))
 
 
 def test_after_a_save_inside_an_epoch_fit_restarts_that_epoch(tmp_path: Path) -> None:

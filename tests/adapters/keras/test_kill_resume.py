@@ -1,8 +1,10 @@
 """Exact resume of ``model.fit``: a run SIGKILLed after a save, then resumed, ends bit for bit the same.
 
-Each run is ``workers/fit_worker.py`` in a fresh process (Dropout, Adam, NumPy data in order,
-checkpointed at each epoch's end by ``CheckpointCallback``). A killed run is resumed by a new
-process; its final variables must equal the uninterrupted run's byte for byte.
+Each run is a worker script in a fresh process: ``fit_worker.py`` (Dropout, Adam, NumPy data
+in order), ``stages_worker.py`` (a subclassed model fine-tuned in two stages),
+``optimizers_worker.py`` (every Keras optimizer, fit twice on one store) and ``tape_worker.py``
+(a GradientTape loop through TFState). A killed run is resumed by a new process; its final
+variables must equal the uninterrupted run's byte for byte.
 """
 
 from __future__ import annotations
@@ -47,19 +49,19 @@ class Run:
         return next(int(line.split()[1]) for line in self.lines if line.startswith(prefix))
 
 
-def _start(root: Path, worker: str = WORKER) -> subprocess.Popen[str]:
+def _start(root: Path, worker: str, args: tuple[str, ...]) -> subprocess.Popen[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TF_NUM_INTEROP_THREADS="1")
     env["TF_NUM_INTRAOP_THREADS"] = "1"
     return subprocess.Popen(
-        [sys.executable, worker, str(root)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, worker, str(root), *args], stdout=subprocess.PIPE, text=True, env=env
     )
 
 
-def run_to_end(root: Path, worker: str = WORKER) -> Run:
+def run_to_end(root: Path, worker: str = WORKER, *args: str, timeout: float = 120) -> Run:
     """Run a worker until it exits by itself."""
-    proc = _start(root, worker)
+    proc = _start(root, worker, args)
     try:
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=timeout)
     finally:
         proc.kill()  # only does something when the worker hung past the timeout
     return Run(proc.returncode, out.splitlines())
@@ -67,7 +69,7 @@ def run_to_end(root: Path, worker: str = WORKER) -> Run:
 
 def run_and_kill(root: Path, after_saves: int, worker: str = WORKER) -> Run:
     """Run a worker and SIGKILL it as soon as it has printed ``after_saves`` ``saved`` lines."""
-    proc = _start(root, worker)
+    proc = _start(root, worker, ())
     assert proc.stdout is not None
     lines: list[str] = []
     for line in proc.stdout:
@@ -119,3 +121,86 @@ def test_gradient_tape_loop_killed_after_a_save_resumes_bit_exactly(tmp_path: Pa
     assert killed.code == -signal.SIGKILL, killed.lines
     assert after <= resumed.first("resumed ") < 12, resumed.lines
     assert resumed.digest == ref.digest
+
+
+STAGES_WORKER = str(Path(__file__).parent / "workers" / "stages_worker.py")
+
+
+def test_two_stage_fine_tuning_of_a_subclassed_model_killed_anywhere_resumes_bit_exactly(
+    tmp_path: Path,
+) -> None:
+    """Killed inside stage 2, the restarted script (both fits again) ends the same.
+
+    In the new process the unbuilt subclassed model is built from the checkpoint, stage 1
+    finds that a later stage followed and trains nothing, and stage 2 resumes.
+    (tests/adapters/keras/test_stages.py kills between the stages, in one process.)
+    """
+    kills = {"in stage 2": 5}
+
+    def trial(name: str) -> tuple[Run, Run]:
+        root = tmp_path / name.replace(" ", "-")
+        killed = run_and_kill(root, kills[name], STAGES_WORKER)
+        return killed, run_to_end(root, STAGES_WORKER)
+
+    with ThreadPoolExecutor(2) as pool:
+        reference = pool.submit(run_to_end, tmp_path / "reference", STAGES_WORKER)
+        trials = {name: pool.submit(trial, name) for name in kills}
+        ref = reference.result()
+        results = {name: t.result() for name, t in trials.items()}
+
+    assert ref.code == 0 and ref.digest is not None, ref.lines
+    assert ref.lines[:1] == ["stage 1 0"] and "stage 2 3" in ref.lines, ref.lines
+    for name, (killed, resumed) in results.items():
+        assert killed.code == -signal.SIGKILL, (name, killed.lines)
+        assert resumed.code == 0, (name, resumed.lines)
+        assert resumed.digest == ref.digest, f"killed {name}: diverged"
+    # The restarts' first fit starts past stage 1's epochs: it trains nothing.
+    for _, resumed in results.values():
+        assert int(resumed.lines[0].split()[2]) >= 3, resumed.lines
+
+
+OPTIMIZERS_WORKER = str(Path(__file__).parent / "workers" / "optimizers_worker.py")
+
+
+def _digests(run: Run) -> dict[str, str]:
+    errors = [line for line in run.lines if line.startswith("error ")]
+    assert run.code == 0 and not errors, errors or run.lines
+    return dict(line.split()[1:3] for line in run.lines if line.startswith("digest "))
+
+
+def test_every_keras_optimizer_fit_twice_on_one_store_equals_one_uninterrupted_fit(
+    tmp_path: Path,
+) -> None:
+    """Each optimizer in keras.optimizers (and EMA, accumulation, schedules, wrappers) resumes exactly.
+
+    One process fits each case for one epoch on its store; a new process fits it on to two
+    epochs on the same store (resuming); a third fits two epochs uninterrupted. The model and
+    optimizer variables must match bit for bit, for every case.
+    """
+    classes = {
+        name
+        for name, obj in vars(keras.optimizers).items()
+        if isinstance(obj, type)
+        and issubclass(obj, keras.optimizers.Optimizer)
+        and obj is not keras.optimizers.Optimizer
+    }
+    assert {"Nadam", "Adafactor", "Lion", "Lamb", "Muon", "Ftrl", "LossScaleOptimizer"} <= classes
+    limit = 400  # each process fits some 23 cases eagerly
+    with ThreadPoolExecutor(2) as pool:
+        reference = pool.submit(
+            run_to_end, tmp_path / "reference", OPTIMIZERS_WORKER, "reference", timeout=limit
+        )
+        first = run_to_end(tmp_path / "run", OPTIMIZERS_WORKER, "first", timeout=limit)
+        resumed = run_to_end(tmp_path / "run", OPTIMIZERS_WORKER, "resume", timeout=limit)
+        ref = reference.result()
+    expected = _digests(ref)
+    assert classes <= set(expected), f"not covered: {sorted(classes - set(expected))}"
+    assert {"Adam+ema", "SGD+accumulation"} <= set(expected)
+    assert set(_digests(first)) == set(expected)
+    got = _digests(resumed)
+    diverged = sorted(name for name in expected if got.get(name) != expected[name])
+    assert not diverged, f"resumed differently from the uninterrupted fit: {diverged}"
+    resumed_at = {
+        line.split()[1]: line.split()[2] for line in resumed.lines if line.startswith("resumed ")
+    }
+    assert set(resumed_at.values()) == {"1"} and set(resumed_at) == set(expected)

@@ -1,8 +1,10 @@
 """A GradientTape training loop for the kill tests: saves after every step until it is killed.
 
-Usage: ``python tape_worker.py ROOT``. A ``tf.Module`` with momentum buffers, dropout drawn
-from one ``tf.random.Generator`` and data from another, all in a ``TFState`` checkpointed by
-the core ``Checkpointer``. Prints ``resumed N``, ``saved N`` per step and ``digest HEX``.
+Usage: ``python tape_worker.py ROOT``. A ``tf.Module`` with momentum buffers and a Keras
+Dropout layer inside (its seed state is not in TensorFlow's trackable graph), dropout also
+drawn from a ``tf.random.Generator``, inputs from another, and targets' noise from a shuffled,
+repeated ``tf.data`` iterator, all in a ``TFState`` checkpointed by the core ``Checkpointer``.
+Prints ``resumed N``, ``saved N`` per step and ``digest HEX``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections.abc import Iterator
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import keras
 import tensorflow as tf
 
 from ckptkit import Checkpointer, CheckpointStore
@@ -22,7 +27,7 @@ STEPS = 12
 
 
 class Net(tf.Module):
-    """Two dense blocks and their momentum buffers."""
+    """Two dense blocks, their momentum buffers and a Keras Dropout layer."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,14 +35,18 @@ class Net(tf.Module):
         self.w1 = tf.Variable(init.normal((3, 16)))
         self.w2 = tf.Variable(init.normal((16, 1)))
         self.velocity = [tf.Variable(tf.zeros_like(w)) for w in (self.w1, self.w2)]
+        self.drop = keras.layers.Dropout(0.3, seed=9)
 
 
-def train_step(net: Net, noise: tf.random.Generator, data: tf.random.Generator) -> None:
+def train_step(
+    net: Net, noise: tf.random.Generator, data: tf.random.Generator, it: Iterator[tf.Tensor]
+) -> None:
     x = data.normal((32, 3))
-    y = tf.reduce_sum(x, axis=1, keepdims=True)
+    y = tf.reduce_sum(x, axis=1, keepdims=True) + 0.1 * next(it)
     with tf.GradientTape() as tape:
         h = tf.nn.relu(x @ net.w1)
         h = h * tf.cast(noise.uniform(tf.shape(h)) > 0.2, h.dtype)
+        h = net.drop(h, training=True)
         loss = tf.reduce_mean((h @ net.w2 - y) ** 2)
     params = [net.w1, net.w2]
     for p, v, g in zip(params, net.velocity, tape.gradient(loss, params), strict=True):
@@ -48,13 +57,14 @@ def train_step(net: Net, noise: tf.random.Generator, data: tf.random.Generator) 
 def main() -> None:
     net = Net()
     noise, data = tf.random.Generator.from_seed(1), tf.random.Generator.from_seed(2)
-    ckpt = Checkpointer(
-        CheckpointStore(sys.argv[1], keep_last=2), None, TFState(net=net, noise=noise, data=data)
-    )
+    pool = tf.random.Generator.from_seed(3).normal((40, 1))
+    it = iter(tf.data.Dataset.from_tensor_slices(pool).shuffle(40, seed=4).repeat().batch(32))
+    state = TFState(net=net, noise=noise, data=data, it=it)
+    ckpt = Checkpointer(CheckpointStore(sys.argv[1], keep_last=2), None, state)
     start = ckpt.resume()
     print(f"resumed {start}", flush=True)
     for step in range(start, STEPS):
-        train_step(net, noise, data)
+        train_step(net, noise, data, it)
         ckpt.step(step)
         print(f"saved {step}", flush=True)
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in net.variables)).hexdigest()

@@ -72,7 +72,8 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         policy: the stopping rule (Keras ``EarlyStopping``'s monitor, mode, patience,
             min_delta, baseline, start_from_epoch as ``warmup``), or None to only save.
         restore_best_weights: at the end of ``fit``, load the best checkpoint's state.
-        save_best_only: save only epochs where the policy sees an improvement.
+        save_best_only: save only epochs whose monitored value is the best so far in this
+            training stage (``min_delta`` aside, as Keras' ``ModelCheckpoint`` decides).
         save_weights_only: save the model's variables only (no optimizer, no RNG): smaller,
             but a resumed run is not exact.
         save_freq: ``"epoch"``, or an int N to also save every N batches.
@@ -263,7 +264,7 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
             return
         decision = policy.observe(metrics[monitor], step=step)
         self.last_decision = decision
-        if self._due(decision, metrics[monitor]):
+        if self._due(monitor, metrics[monitor]):
             ckpt.save(step, metrics, metadata=self._where(batch=None))
         if decision.should_stop:
             self.model.stop_training = True
@@ -271,8 +272,9 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         """With ``restore_best_weights``, load the best checkpoint's state into the model.
 
-        When the best was not saved (every value was NaN, or none beat
-        ``initial_value_threshold``), the weights stay as they are, with a ``UserWarning``.
+        The best is this training stage's checkpoint with the best monitored value (see
+        :meth:`ckptkit.Checkpointer.best`). When there is none (every value was NaN, or none
+        beat ``initial_value_threshold``), the weights stay as they are, with a ``UserWarning``.
 
         Raises:
             MissingMetricError: a ``val_`` policy never had a value to observe, in this fit
@@ -292,14 +294,13 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if not self.restore_best_weights:
             return
         ckpt = self._checkpointer()
-        best = policy.best_step if policy is not None else None
-        if self._replayed and (policy is None or best is None or best not in self.store):
-            return  # a stage that is over, its best gone: the later stage's fit resumes its own
-        if policy is not None and (best is None or best not in self.store):
-            what = "no value improved" if best is None else f"step {best} was not saved"
+        if ckpt.best() is None:
+            if self._replayed:
+                return  # a stage that is over, its best gone: the later stage's fit resumes its own
+            monitor = policy.monitor if policy is not None else self.store.monitor
             warnings.warn(
-                f"restore_best_weights: {what} in {self.store.root}, so the model keeps its "
-                "last weights",
+                f"restore_best_weights: no checkpoint of this training stage in "
+                f"{self.store.root} has a finite {monitor!r}, so the model keeps its last weights",
                 UserWarning,
                 stacklevel=2,
             )
@@ -316,8 +317,10 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
             )
         return self.checkpointer
 
-    def _due(self, decision: Decision, value: float) -> bool:
-        if decision.improved:
+    def _due(self, monitor: str, value: float) -> bool:
+        # A new best value (min_delta aside, as ModelCheckpoint(save_best_only=True) sees it)
+        # is always saved, so the best checkpoint exists to restore.
+        if self._checkpointer()._is_new_best({monitor: value}):
             threshold = self.initial_value_threshold
             if threshold is None or not self.save_best_only:
                 return True

@@ -61,11 +61,15 @@ class Plan:
     ``"resume"``: load the latest checkpoint (``record``). ``"replay"``: this optimizer's stage
     is over, a later stage followed; load its last checkpoint ``record`` (None when retention
     deleted them all) and train nothing. ``"new_stage"``: start a new stage after ``record``
-    (the latest), loading nothing.
+    (the latest), loading nothing. ``first_step`` and ``last_step`` bound the steps of the
+    stage the fit belongs to (``last_step`` None: open-ended): its best checkpoint is ranked
+    among those only, since another stage's state does not fit this fit's optimizer.
     """
 
     action: Literal["resume", "replay", "new_stage"]
     record: CheckpointRecord | None
+    first_step: int = 0
+    last_step: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +114,8 @@ def start(ckpt: Checkpointer, model: Any, epochs: int) -> Start:
         build_optimizer(state.optimizer, model, f"CheckpointCallback: {store.root}")
         here = signature(state.optimizer, model)
     decided = plan(records, here)
+    # The best of this fit is its stage's: rank only that stage's checkpoints.
+    ckpt._rank_within(decided.first_step, decided.last_step)
     if decided.action == "new_stage":
         assert here is not None
         first = next_epoch(latest)
@@ -135,6 +141,7 @@ def start(ckpt: Checkpointer, model: Any, epochs: int) -> Start:
             ckpt.resumed_from = loaded.record
         return Start(epoch=epochs, replayed=True)  # this stage is over: train nothing
     ckpt.resume()
+    ckpt._rank_within(decided.first_step, decided.last_step)  # resume ranked every stage
     record = ckpt.resumed_from
     assert record is not None
     iterations = 0 if state.optimizer is None else int(state.optimizer.iterations.numpy())
@@ -162,14 +169,26 @@ def plan(records: Sequence[CheckpointRecord], optimizer: Mapping[str, Any] | Non
             (``save_weights_only``): then the latest is always resumed.
     """
     latest = records[-1]
+    stages = previous_stages(latest)
+    ends = [_after(s["last_step"]) for s in stages]  # the first step after each stage
     saved = fit_metadata(latest).get("optimizer")
     if optimizer is None or saved is None or saved == optimizer:
-        return Plan(action="resume", record=latest)
+        return Plan(action="resume", record=latest, first_step=ends[-1] if ends else 0)
     by_step = {r.step: r for r in records}
-    for stage in reversed(previous_stages(latest)):
-        if stage["optimizer"] == optimizer:
-            return Plan(action="replay", record=by_step.get(stage["last_step"]))
-    return Plan(action="new_stage", record=latest)
+    for i in reversed(range(len(stages))):
+        if stages[i]["optimizer"] == optimizer:
+            last = stages[i]["last_step"]
+            return Plan(
+                action="replay",
+                record=by_step.get(last),
+                first_step=ends[i - 1] if i > 0 else 0,
+                last_step=last if isinstance(last, int) else None,
+            )
+    return Plan(action="new_stage", record=latest, first_step=latest.step + 1)
+
+
+def _after(step: object) -> int:
+    return step + 1 if isinstance(step, int) and not isinstance(step, bool) else 0
 
 
 def previous_stages(record: CheckpointRecord) -> list[dict[str, Any]]:

@@ -125,6 +125,9 @@ class Checkpointer:
         self._best_protected: int | None = None
         #: (value, step) of the best monitored value saved so far.
         self._best: tuple[float, int] | None = None
+        #: The steps whose checkpoints can be the best (first, last or None): all by default;
+        #: an adapter that runs training stages narrows it to the stage at hand.
+        self._best_window: tuple[int, int | None] = (0, None)
         self._overwrite_after: int | None = None
         self._preempted = False
 
@@ -262,6 +265,19 @@ class Checkpointer:
         """Wait for a background save (``blocking=False``); raise its error if it failed."""
         return self.store.wait()
 
+    def best(self) -> CheckpointRecord | None:
+        """The record of the best checkpoint, the one :meth:`restore_best` loads; None if none.
+
+        The committed checkpoint with the best value of the policy's monitor (earliest step on
+        a tie; NaN, infinite and missing values never count); without a policy, by the store's
+        monitor.
+
+        Raises:
+            ValueError: there is neither a policy nor a store monitor to rank by.
+        """
+        self.store.wait()
+        return self._best_record(self.store.records())
+
     def restore_best(self) -> CheckpointRecord:
         """Load the best checkpoint into the state and return its record.
 
@@ -273,24 +289,28 @@ class Checkpointer:
         Raises:
             CheckpointNotFoundError: no committed checkpoint has a finite monitored value.
         """
-        self.store.wait()
-        if self.policy is not None:
-            best = self._best_record(self.store.records())
-            if best is None:
-                raise CheckpointNotFoundError(
-                    f"{self.store.root}: no committed checkpoint has a finite "
-                    f"{self.policy.monitor!r} metric, so there is no best checkpoint to restore"
-                )
-            loaded = self.store.load_checkpoint(best.step)
-        else:
-            record = self.store.best()
-            if record is None:
-                raise CheckpointNotFoundError(
-                    f"{self.store.root}: no checkpoint has a finite {self.store.monitor!r} metric"
-                )
-            loaded = self.store.load_checkpoint(record.step)
+        best = self.best()
+        if best is None:
+            monitor = self.policy.monitor if self.policy is not None else self.store.monitor
+            raise CheckpointNotFoundError(
+                f"{self.store.root}: no committed checkpoint has a finite {monitor!r} metric, "
+                "so there is no best checkpoint to restore"
+            )
+        loaded = self.store.load_checkpoint(best.step)
         self._load_state(loaded.state, loaded.record)
         return loaded.record
+
+    def _rank_within(self, first: int, last: int | None = None) -> None:
+        """Count only steps ``first`` to ``last`` (inclusive) for the best, e.g. one stage.
+
+        For adapters that run several training stages on one store, whose states differ (an
+        optimizer replaced between stages): the best of a stage is the one to restore.
+        """
+        self._best_window = (first, last)
+        if self.policy is not None:
+            best = self._best_record(self.store.records())
+            self._best = None if best is None else (self._value(best), best.step)
+            self._protect_best()
 
     def _saved_policy_state(self, record: CheckpointRecord) -> Any:
         own = record.metadata.get(RESERVED_METADATA_KEY)
@@ -305,9 +325,19 @@ class Checkpointer:
         return own.get("policy")
 
     def _best_record(self, records: list[CheckpointRecord]) -> CheckpointRecord | None:
-        assert self.policy is not None
-        ranking = RetentionPolicy(monitor=self.policy.monitor, mode=self.policy.mode)
-        ranked = ranking.best(records)
+        if self.policy is not None:
+            ranking = RetentionPolicy(monitor=self.policy.monitor, mode=self.policy.mode)
+        elif self.store.monitor is not None:
+            ranking = RetentionPolicy(monitor=self.store.monitor, mode=self.store.mode)
+        else:
+            raise ValueError(
+                f"{self.store.root}: without a policy or a store monitor there is no best "
+                "checkpoint; pass a StoppingPolicy, or open the store with monitor=..."
+            )
+        first, last = self._best_window
+        ranked = ranking.best(
+            [r for r in records if r.step >= first and (last is None or r.step <= last)]
+        )
         return ranked[0] if ranked else None
 
     def _value(self, record: CheckpointRecord) -> float:

@@ -339,9 +339,42 @@ def test_restore_best_weights_loads_the_best_epochs_state(tmp_path: Path) -> Non
     fit(model, [callback], epochs=8)
     assert policy.best_step is not None and policy.best_step < 7, "pick data whose best is early"
     assert callback.best_record is not None and callback.best_record.step == policy.best_step
+    lowest = min(store.records(), key=lambda r: (r.metrics["val_loss"], r.step))
+    assert callback.best_record == lowest  # min_delta=0: the policy's best is the lowest
     now = KerasState(model, model.optimizer).state_dict()
     assert trees_identical(now, store.load(policy.best_step))
     assert not trees_identical(now, store.load(7))
+
+
+# Keras's HDF5 weights writer calls np.array on TF variables, which NumPy 2 deprecates.
+@pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+def test_with_min_delta_save_best_only_and_restore_best_follow_the_best_value(
+    tmp_path: Path,
+) -> None:
+    """min_delta only delays stopping: the epochs saved are Keras ModelCheckpoint's, the best restored is the lowest.
+
+    Keras' ``ModelCheckpoint(save_best_only=True)`` saves every epoch whose value beats the best
+    so far, with no min_delta; the callback saves the same epochs and restores the lowest one,
+    while its policy's patience counts from an earlier epoch.
+    """
+    saver = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "keras-{epoch}.weights.h5"),
+        monitor="val_loss",
+        save_best_only=True,
+        save_weights_only=True,
+    )
+    store = CheckpointStore(tmp_path / "run")
+    policy = StoppingPolicy(monitor="val_loss", patience=100, min_delta=0.01)
+    callback = CheckpointCallback(store, policy, save_best_only=True, restore_best_weights=True)
+    history = fit(build(), [saver, callback], epochs=8)
+    keras_saved = sorted(int(p.name.split("-")[1].split(".")[0]) - 1 for p in tmp_path.glob("*.h5"))
+    assert [r.step for r in store.records()] == keras_saved
+    values = history.history["val_loss"]
+    lowest = min(range(len(values)), key=lambda i: (values[i], i))
+    assert callback.best_record is not None and callback.best_record.step == lowest
+    assert policy.best_step != lowest, "pick data where min_delta holds the policy's best back"
 
 
 @pytest.mark.parametrize(

@@ -404,17 +404,3 @@ def test_a_keras_model_loads_its_weights_from_a_keras_state_checkpoint(tmp_path)
     record = load_state(store, other)
     assert record.step == 1 and _weights(other) == _weights(model)
     assert not other.optimizer.built  # the weights only
-
-
-@pytest.mark.xfail(
-    reason="the core Checkpointer does not yet name the adapter object that wraps a framework "
-    "object it cannot save (ckptkit/_checkpointer.py, _check_stateful)",
-    strict=True,
-)
-def test_checkpointer_given_a_bare_keras_model_says_to_wrap_it_in_keras_state(tmp_path):
-    """Checkpointer(store, policy, model) with a Keras model says to pass KerasState(model=...)."""
-    from ckptkit import Checkpointer
-
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    with pytest.raises(TypeError, match=r"ckptkit\.adapters\.keras\.KerasState\(model=\.\.\.\)"):
-        Checkpointer(CheckpointStore(tmp_path), None, model)

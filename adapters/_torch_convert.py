@@ -11,8 +11,16 @@ The conversion maps each onto the core's vocabulary:
 - a genuine numpy array (NumPy's RNG state, say) is kept as ``{"$torch": {"kind": "ndarray"},
   "array": arr}``, so it loads as a numpy array, not a tensor;
 - a second key for a tensor already converted (same storage, offset, shape, strides, dtype)
-  becomes ``{"$torch": {"kind": "alias", "path": [...]}}``, the tree path of the first: the bytes
-  are saved once and both keys load as the same tensor;
+  becomes ``{"$torch": {"kind": "alias", "up": n, "down": [...], "path": [...]}}``: the bytes
+  are saved once and both keys load as the same tensor. The first key's place is found from
+  the alias's own place: ``n`` steps up the tree, then down the keys ``down``, so any part of
+  the tree that holds both converts on its own (``tree_to_state(store.load()["model"])``).
+  ``path`` is the first key's path from the root of the tree converted, which is all that
+  aliases written before ``up``/``down`` have; such an alias is resolved by trying that path,
+  then the path below each ancestor of the alias, nearest first (the tree was saved nested
+  in a larger one), then ever shorter tails of it (a part of the tree is converted). The
+  marker is an :class:`ckptkit._tree.ArrayAlias` of the first key's array, so the arrays file's
+  header names the alias for readers without ckptkit;
 - a dict that is not a plain ``dict`` with ``str`` keys becomes ``{"$torch": {"kind": "dict",
   "type": "dict" | "OrderedDict" | "Counter", "keys": "str" | "int" | "pairs", "metadata": ...},
   **entries}``: int keys are written as decimal strings (so arrays keep names such as
@@ -35,7 +43,8 @@ from typing import Any, TypeAlias
 import numpy as np
 import torch
 
-from ckptkit._errors import CorruptCheckpointError, UnsupportedStateError
+from ckptkit._errors import CkptkitError, CorruptCheckpointError, UnsupportedStateError
+from ckptkit._tree import ArrayAlias
 
 MARKER = "$torch"
 TreePath: TypeAlias = tuple[str | int, ...]
@@ -57,6 +66,15 @@ _DICT_TYPES: dict[str, type[dict[Any, Any]]] = {
     "OrderedDict": OrderedDict,
     "Counter": Counter,
 }
+
+
+class TiedTensorError(CkptkitError, ValueError):
+    """A tied tensor's other key is not in the tree being converted back to torch values.
+
+    Tied weights are saved once: converting a part of a checkpoint that holds one key of a
+    tied tensor but not the key its bytes were saved under cannot give that tensor back.
+    Convert the whole tree, or a part that holds both keys.
+    """
 
 
 def render(path: TreePath) -> str:
@@ -135,7 +153,7 @@ class ToTree:
     """One conversion of a torch state to a tree; remembers tensors seen, to save each once."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[Any, ...], TreePath] = {}
+        self._seen: dict[tuple[Any, ...], tuple[TreePath, np.ndarray]] = {}
         self._active: set[int] = set()
 
     def convert(self, value: Any, path: TreePath = ()) -> Any:
@@ -185,10 +203,10 @@ class ToTree:
             )
             first = self._seen.get(key)
             if first is not None:
-                return {MARKER: {"kind": "alias", "path": list(first)}}
+                return _alias(path, *first)
         array = tensor_to_array(tensor, path)
         if key is not None:
-            self._seen[key] = path
+            self._seen[key] = (path, array)
         return array
 
     def _dict(self, value: dict[Any, Any], path: TreePath) -> Any:
@@ -222,6 +240,27 @@ class ToTree:
             name = _escape(k) if keys == "str" else str(k)
             out[name] = self.convert(v, (*path, name))
         return out
+
+
+def _alias(path: TreePath, first: TreePath, array: np.ndarray) -> ArrayAlias:
+    """The marker at ``path`` for the tensor saved at ``first`` as ``array``."""
+    common = 0
+    while common < min(len(path), len(first)) and path[common] == first[common]:
+        common += 1
+    head = {
+        "kind": "alias",
+        "up": len(path) - common,
+        "down": list(first[common:]),
+        "path": list(first),  # what readers from before "up"/"down" resolve
+    }
+    return ArrayAlias({MARKER: head}, target=array)
+
+
+def _candidates(path: TreePath, saved: TreePath) -> list[TreePath]:
+    """Where an alias at ``path`` with only a root path ``saved`` may find its tensor, in order."""
+    nested = [path[:k] + saved for k in range(len(path) - 1, 0, -1)]
+    tails = [saved[j:] for j in range(1, len(saved))]
+    return [saved, *nested, *tails]
 
 
 class FromTree:
@@ -268,10 +307,7 @@ class FromTree:
         if kind == "ndarray" and set(rest) == {"array"} and isinstance(rest["array"], np.ndarray):
             return rest["array"]
         if kind == "alias" and not rest and isinstance(head.get("path"), list):
-            target = self._tensors.get(tuple(head["path"]))
-            if target is None:
-                raise self._corrupt(path, f"an alias of {render(tuple(head['path']))}, no tensor")
-            return target
+            return self._alias(head, path)
         if (
             kind == "dtype"
             and not rest
@@ -283,6 +319,36 @@ class FromTree:
         if kind == "dict" and head.get("type") in _DICT_TYPES:
             return self._dict(head, rest, path)
         raise self._corrupt(path, f"malformed marker {head!r}")
+
+    def _alias(self, head: dict[str, Any], path: TreePath) -> torch.Tensor:
+        saved = tuple(head["path"])
+        up, down = head.get("up"), head.get("down")
+        if up is None and down is None:  # written before aliases were relative
+            for candidate in _candidates(path, saved):
+                if candidate in self._tensors:
+                    return self._tensors[candidate]
+            raise TiedTensorError(
+                f"{self._source}: {render(path)} is tied to the tensor saved at "
+                f"{render(saved)} of the tree it was saved from, which is not in the part "
+                "being converted; convert the whole tree, or a part that holds both"
+            )
+        if type(up) is not int or up < 0 or not isinstance(down, list):
+            raise self._corrupt(path, f"malformed alias marker {head!r}")
+        if up > len(path):
+            raise TiedTensorError(
+                f"{self._source}: {render(path)} is tied to the tensor saved at "
+                f"{render(saved)} of the tree it was saved from, which lies outside the part "
+                "being converted; convert the whole tree, or a part that holds both"
+            )
+        target = path[: len(path) - up] + tuple(down)
+        tensor = self._tensors.get(target)
+        if tensor is None:
+            raise TiedTensorError(
+                f"{self._source}: {render(path)} is tied to {render(target)}, which holds no "
+                "tensor in the tree being converted; convert the tree as it was loaded, "
+                "with that entry in it"
+            )
+        return tensor
 
     def _dict(self, head: dict[str, Any], rest: dict[str, Any], path: TreePath) -> Any:
         out = _DICT_TYPES[head["type"]]()

@@ -223,17 +223,21 @@ def tree_to_state(tree: Any, *, map_location: str | torch.device | None = None) 
     """Convert a tree made by :func:`state_to_tree` back to a torch state dict.
 
     Every array becomes a tensor of the same dtype, shape and bytes, except the arrays that
-    were numpy arrays when saved; tensors saved once for several keys come back as one tensor.
+    were numpy arrays when saved; tensors saved once for several keys (tied weights) come back
+    as one tensor. Any part of a loaded tree converts on its own (``store.load()["model"]``),
+    as long as it holds every key of each tied tensor it holds.
 
     Args:
-        tree: the tree, e.g. from :meth:`ckptkit.CheckpointStore.load`.
+        tree: the tree, e.g. from :meth:`ckptkit.CheckpointStore.load`, or a part of it.
         map_location: the device to make tensors on (None: the CPU).
 
     Raises:
         CorruptCheckpointError: a ``{"$torch": ...}`` marker is malformed.
+        TiedTensorError: a tensor of ``tree`` is tied to one whose bytes were saved under a key
+            outside ``tree``: convert the whole tree, or a part that holds both keys.
 
     Example:
-        >>> model.load_state_dict(tree_to_state(store.load()))
+        >>> model.load_state_dict(tree_to_state(store.load()["model"]))
     """
     device = None if map_location is None else torch.device(map_location)
     return FromTree(device).convert(tree)

@@ -7,6 +7,7 @@ random generators.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,14 @@ from ._torch_rng import capture_rng, restore_rng
 _TYPES_KEY = "$types"
 _WRAPPERS = ("DataParallel", "DistributedDataParallel")
 _WRAPPER_PREFIX = "module."  # DataParallel / DistributedDataParallel name their child "module"
+_COMPILED_PREFIX = "_orig_mod."  # torch.compile's OptimizedModule names its child "_orig_mod"
+#: The key prefixes a saved module's wrappers may have added, up to three wrappers deep
+#: (DDP of a compiled model: "module._orig_mod."), the bare module's "" first.
+_SAVED_PREFIXES = [""] + [
+    "".join(chain)
+    for depth in (1, 2, 3)
+    for chain in itertools.product((_WRAPPER_PREFIX, _COMPILED_PREFIX), repeat=depth)
+]
 
 
 class TorchState:
@@ -37,7 +46,9 @@ class TorchState:
     ``state_dict()`` returns the core's tree (tensors as numpy arrays, views of CPU tensors:
     save it before training on); ``load_state_dict()`` checks the whole tree against the
     objects first, then restores each in place through its own ``load_state_dict``, so tied
-    parameters stay tied and tensors stay on their devices.
+    parameters stay tied and tensors stay on their devices. A module saved inside
+    ``DataParallel``/``DistributedDataParallel`` or compiled with ``torch.compile``, in any
+    combination, loads into the bare module or any other wrapping of it.
 
     A ``LambdaLR``/``MultiplicativeLR`` is saved without its functions (they are code, and
     torch's own state dict leaves them out): the scheduler you load into keeps the functions
@@ -173,15 +184,24 @@ def _restore_all(
         ) from e
 
 
-def _kind(obj: Any) -> str:
-    """The class that decides what a state means: a wrapped module's, not its wrapper's."""
+def _unwrap(obj: Any) -> tuple[Any, str]:
+    """The module inside DataParallel/DDP and torch.compile wrappers, and their key prefix."""
+    prefix = ""
     while isinstance(obj, torch.nn.Module):
         inner = getattr(obj, "module", None) if type(obj).__name__ in _WRAPPERS else None
-        inner = inner if inner is not None else getattr(obj, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            obj, prefix = inner, prefix + _WRAPPER_PREFIX
+            continue
+        inner = getattr(obj, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
             break
-        obj = inner
-    return type(obj).__qualname__
+        obj, prefix = inner, prefix + _COMPILED_PREFIX
+    return obj, prefix
+
+
+def _kind(obj: Any) -> str:
+    """The class that decides what a state means: a wrapped module's, not its wrapper's."""
+    return type(_unwrap(obj)[0]).__qualname__
 
 
 def _own_state(obj: Any) -> Any:
@@ -316,20 +336,32 @@ def fit(obj: Any, saved: Any, where: str) -> Any:
 
 
 def _fit_module(module: torch.nn.Module, saved: Mapping[str, Any], where: str) -> Any:
+    """The saved state with its keys as ``module`` names them, wrappers or not.
+
+    A model saved inside ``DataParallel``/``DistributedDataParallel`` (keys ``module.*``) or
+    compiled with ``torch.compile`` (keys ``_orig_mod.*``), in any combination, loads into the
+    bare model and into any other wrapping of it, and the other way round: the saved keys'
+    wrapper prefix is replaced by this module's. The saved keys as they are come first, then
+    the saved state read as a bare model's, then as wrapped ever deeper.
+    """
     own = module.state_dict()
     expected = set(own)
-    candidates = [saved] + [
+    kind = _kind(module)
+    prefix = _unwrap(module)[1]
+    readings = [saved] + [
         r
-        for old, new in ((_WRAPPER_PREFIX, ""), ("", _WRAPPER_PREFIX))
-        if (r := _replace_prefix(saved, old, new)) is not None
+        for old in _SAVED_PREFIXES
+        if old != prefix and (r := _replace_prefix(saved, old, prefix)) is not None
     ]
-    for candidate in candidates:
+    for candidate in readings:
         if set(candidate) == expected:
-            _check_tensors(own, candidate, type(module).__name__, where)
+            _check_tensors(own, candidate, kind, where)
             return candidate
-    missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+    # The message lists the keys of the reading closest to the module's, wrappers mapped.
+    closest = max(readings, key=lambda r: len(expected & set(r)))
+    missing, unexpected = sorted(expected - set(closest)), sorted(set(closest) - expected)
     raise ConfigMismatchError(
-        f"{where}: the saved state does not fit {type(module).__name__}: missing keys "
+        f"{where}: the saved state does not fit {kind}: missing keys "
         f"{_show(missing)}, unexpected keys {_show(unexpected)}; load it into the model it was "
         "saved from (the same architecture and names)"
     )

@@ -19,6 +19,8 @@ from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore, StepSelector
 
 from ._torch_convert import FromTree, ToTree
+from ._torch_data import ResumableSampler
+from ._torch_loader import LoaderState, is_plain_loader
 from ._torch_rng import capture_rng, restore_rng
 
 _TYPES_KEY = "$types"
@@ -38,10 +40,18 @@ class TorchState:
     """The training state of a torch run, as one object for :class:`ckptkit.Checkpointer`.
 
     Give it every object a resumed run must continue from, by name: modules, optimizers, LR
-    schedulers, ``torch.amp.GradScaler``, ``torch.Generator`` (a DataLoader's, say) and anything
+    schedulers, ``torch.amp.GradScaler``, ``torch.Generator``, ``DataLoader`` and anything
     with ``state_dict()``/``load_state_dict()``. With ``rng=True`` it also holds the global
     generators: Python's ``random``, NumPy's, torch's CPU generator and every initialised CUDA
     device's, so dropout and shuffling continue exactly.
+
+    A ``DataLoader`` is saved as the state of its shuffling generator(s) and of its sampler,
+    when that has one (:class:`ResumableSampler`). A save inside an epoch of a loader whose
+    sampler keeps no position (``shuffle=True``) raises rather than make a checkpoint that
+    would resume at the start of the epoch in another order; a ResumableSampler in a loader
+    without ``generator=`` is refused with ``rng=True`` (see :class:`ResumableSampler`). After a
+    resume inside an epoch, a ResumableSampler raises if torch's global generator was drawn
+    from before its first batch, since the run can then no longer match the uninterrupted one.
 
     ``state_dict()`` returns the core's tree (tensors as numpy arrays, views of CPU tensors:
     save it before training on); ``load_state_dict()`` checks the whole tree against the
@@ -63,10 +73,13 @@ class TorchState:
         **objects: the objects, by the names their parts have in the tree.
 
     Raises:
-        TypeError: an object has neither ``state_dict``/``load_state_dict`` nor is a Generator.
+        TypeError: an object has neither ``state_dict``/``load_state_dict`` nor is a Generator
+            or a DataLoader.
+        ValueError: a DataLoader cannot resume exactly with this ``rng`` (the message says
+            what to pass it).
 
     Example:
-        >>> state = TorchState(model=model, optimizer=opt, scheduler=sched, loader=gen)
+        >>> state = TorchState(model=model, optimizer=opt, scheduler=sched, loader=loader)
         >>> ckpt = Checkpointer(CheckpointStore("run"), StoppingPolicy(monitor="val_loss"), state)
         >>> start = ckpt.resume()
     """
@@ -75,18 +88,27 @@ class TorchState:
         self, *, rng: bool = True, map_location: str | torch.device | None = None, **objects: Any
     ) -> None:
         for name, obj in objects.items():
-            if not isinstance(obj, torch.Generator) and not (
-                callable(getattr(obj, "state_dict", None))
-                and callable(getattr(obj, "load_state_dict", None))
+            if (
+                not isinstance(obj, torch.Generator)
+                and not is_plain_loader(obj)
+                and not (
+                    callable(getattr(obj, "state_dict", None))
+                    and callable(getattr(obj, "load_state_dict", None))
+                )
             ):
                 raise TypeError(
                     f"TorchState({name}=...) is a {type(obj).__name__}, which has no "
-                    "state_dict()/load_state_dict() and is not a torch.Generator"
+                    "state_dict()/load_state_dict() and is not a torch.Generator or a DataLoader"
                 )
         if not objects and not rng:
             raise ValueError("TorchState() holds nothing: pass objects by name, or rng=True")
         self.objects = dict(objects)
         self.rng = bool(rng)
+        #: What is saved for each object: the object, or the LoaderState of a DataLoader.
+        self._parts: dict[str, Any] = {
+            name: LoaderState(obj, name=name, rng=self.rng) if is_plain_loader(obj) else obj
+            for name, obj in objects.items()
+        }
         self.map_location = None if map_location is None else torch.device(map_location)
 
     def __repr__(self) -> str:
@@ -95,13 +117,13 @@ class TorchState:
 
     def state_dict(self) -> dict[str, Any]:
         """Every object's state and (with ``rng``) the generators', as one core tree."""
-        parts: dict[str, Any] = {name: _own_state(obj) for name, obj in self.objects.items()}
+        parts: dict[str, Any] = {name: _own_state(obj) for name, obj in self._parts.items()}
         if self.rng:
             parts["rng"] = capture_rng()
         # Each part's class, so a state is never loaded into another kind of object (an Adam
         # state into SGD loads without complaint and fails, or drifts, much later). No keyword
         # argument can start with "$", so this key never collides with a part's name.
-        parts[_TYPES_KEY] = {name: _kind(obj) for name, obj in self.objects.items()}
+        parts[_TYPES_KEY] = {name: _kind(obj) for name, obj in self._parts.items()}
         tree = ToTree().convert(parts)
         assert isinstance(tree, dict)
         return tree
@@ -130,15 +152,23 @@ class TorchState:
                 f"{where}the saved parts do not match this TorchState: missing {missing}, "
                 f"unexpected {unexpected}; pass the same names (and rng=...) as when it was saved"
             )
-        for name, obj in self.objects.items():
+        for name, obj in self._parts.items():
             saved_type = types.get(name) if isinstance(types, Mapping) else None
             if saved_type is not None and saved_type != _kind(obj):
                 raise ConfigMismatchError(
                     f"{where}part {name!r} was saved from a {saved_type}, and this TorchState "
                     f"has a {_kind(obj)} there; pass the same kind of object"
                 )
-        ready = {n: fit(obj, state[n], f"{where}part {n!r}") for n, obj in self.objects.items()}
-        _restore_all(self.objects, ready, state["rng"] if self.rng else None, where)
+        ready = {n: fit(obj, state[n], f"{where}part {n!r}") for n, obj in self._parts.items()}
+        _restore_all(self._parts, ready, state["rng"] if self.rng else None, where)
+        if self.rng:
+            # The uninterrupted run drew nothing from the global generator between this point
+            # and the next batch of the epoch in progress; a sampler resumed there checks that.
+            restored = torch.get_rng_state()
+            for obj in self._parts.values():
+                keeper = obj.position_keeper if isinstance(obj, LoaderState) else obj
+                if isinstance(keeper, ResumableSampler):
+                    keeper._expect_global_rng(restored)
 
 
 def _restore_all(
@@ -159,7 +189,7 @@ def _restore_all(
     try:
         for name in order:
             obj = objects[name]
-            before = None if isinstance(obj, torch.nn.Module) else _own_state(obj)
+            before = None if isinstance(obj, torch.nn.Module) else _current_state(obj)
             restore(obj, ready[name])
             done.append((name, before))
         name = "rng"
@@ -201,11 +231,18 @@ def _unwrap(obj: Any) -> tuple[Any, str]:
 
 def _kind(obj: Any) -> str:
     """The class that decides what a state means: a wrapped module's, not its wrapper's."""
+    if isinstance(obj, LoaderState):
+        return "DataLoader"
     return type(_unwrap(obj)[0]).__qualname__
 
 
 def _own_state(obj: Any) -> Any:
     return obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+
+
+def _current_state(obj: Any) -> Any:
+    """The state to put back after a failed load (a loader's, even inside an epoch)."""
+    return obj.current() if isinstance(obj, LoaderState) else _own_state(obj)
 
 
 def state_to_tree(obj: Any) -> Any:

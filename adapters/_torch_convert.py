@@ -38,6 +38,7 @@ contiguous, with the same values), and sharing between tensors that overlap only
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -264,11 +265,27 @@ def _candidates(path: TreePath, saved: TreePath) -> list[TreePath]:
 
 
 class FromTree:
-    """One conversion of a tree back to torch values; resolves aliases to the same tensor."""
+    """One conversion of a tree back to torch values; resolves aliases to the same tensor.
 
-    def __init__(self, device: torch.device | None, source: str = "the tree") -> None:
+    Tensors share the memory of the arrays they come from where they can (a checkpoint's
+    file buffer, read once), unless ``own(path)`` says the tensor at ``path`` is kept by the
+    object it is loaded into (an optimizer's moments, say): such a tensor is a fresh copy in
+    torch's own allocation, as the tensors of the run that saved it were. Views into a file
+    buffer sit at any offset, and torch's vectorised CPU kernels may round differently on
+    memory aligned differently (LBFGS's dot products do), so a resumed run that kept such views
+    would drift from the uninterrupted one; kept views would also hold the whole buffer alive.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | None,
+        source: str = "the tree",
+        *,
+        own: Callable[[TreePath], bool] | None = None,
+    ) -> None:
         self._device = device
         self._source = source
+        self._own = own
         self._tensors: dict[TreePath, torch.Tensor] = {}
 
     def _corrupt(self, path: TreePath, problem: str) -> CorruptCheckpointError:
@@ -283,6 +300,8 @@ class FromTree:
             tensor = array_to_tensor(value, path)
             if self._device is not None:
                 tensor = tensor.to(self._device)
+            if self._own is not None and self._own(path) and tensor.device.type == "cpu":
+                tensor = tensor.clone()
             self._tensors[path] = tensor
             return tensor
         if isinstance(value, list):

@@ -144,7 +144,13 @@ class TorchState:
             raise ConfigMismatchError(
                 f"{where}a TorchState loads a dict of parts, not a {type(tree).__name__}"
             )
-        state = FromTree(map_location, where.rstrip(": ") or "TorchState").convert(dict(tree))
+        # Modules copy what they load into their parameters; every other part keeps its tensors.
+        kept = {n for n, obj in self._parts.items() if not isinstance(obj, torch.nn.Module)}
+        state = FromTree(
+            map_location,
+            where.rstrip(": ") or "TorchState",
+            own=lambda path: bool(path) and path[0] in kept,
+        ).convert(dict(tree))
         types = state.pop(_TYPES_KEY, {})
         missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
         if missing or unexpected:
@@ -284,6 +290,12 @@ def tree_to_state(tree: Any, *, map_location: str | torch.device | None = None) 
     as one tensor. Any part of a loaded tree converts on its own (``store.load()["model"]``),
     as long as it holds every key of each tied tensor it holds.
 
+    CPU tensors share the memory of the loaded arrays (nothing is copied), which suits
+    ``model.load_state_dict``: it copies them into the parameters. An object that keeps the
+    tensors it loads (an optimizer) then keeps views into the checkpoint's file buffer, at
+    arbitrary alignment; :func:`load_state` and :class:`TorchState` give such objects fresh
+    copies instead, as a bit-exact resume needs.
+
     Args:
         tree: the tree, e.g. from :meth:`ckptkit.CheckpointStore.load`, or a part of it.
         map_location: the device to make tensors on (None: the CPU).
@@ -342,12 +354,14 @@ def load_state(
         device = device if device is not None else state.map_location
         state._load(loaded.state, device, f"{where}: ")
     else:
-        restore(state, fit(state, FromTree(device, where).convert(loaded.state), where))
+        kept = not isinstance(state, torch.nn.Module)  # a module copies into its parameters
+        converted = FromTree(device, where, own=lambda path: kept).convert(loaded.state)
+        restore(state, fit(state, converted, where))
     return loaded.record
 
 
 def fit(obj: Any, saved: Any, where: str) -> Any:
-    """Check that ``saved`` fits ``obj`` (adding or stripping ``module.``); return what to load.
+    """Check that ``saved`` fits ``obj`` (mapping wrapper prefixes); return what to load.
 
     Raises:
         ConfigMismatchError: keys or parameter groups differ; the message lists them.

@@ -290,6 +290,37 @@ def test_tied_parameters_are_saved_once_and_stay_tied(tmp_path: Path) -> None:
     assert loaded["out.weight"] is loaded["emb.weight"]
 
 
+def test_loaded_optimizer_state_is_fresh_memory_not_views_of_the_file(tmp_path: Path) -> None:
+    """Tensors an object keeps are copies in torch's allocation; modules copy theirs anyway.
+
+    Views into the file buffer sit at arbitrary offsets, where vectorised kernels may round
+    differently (LBFGS drifted after a resume), and would keep the whole buffer alive.
+    """
+
+    def mlp() -> Any:
+        return nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 7), nn.Linear(7, 1))
+
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    store = CheckpointStore(tmp_path / "store")
+    save_state(store, 0, TorchState(model=model, optimizer=opt, rng=False))
+    save_state(store, 1, opt)
+    fresh_model = mlp()
+    in_state = torch.optim.Adam(fresh_model.parameters(), lr=0.1)
+    load_state(store, TorchState(model=fresh_model, optimizer=in_state, rng=False), 0)
+    alone = torch.optim.Adam(mlp().parameters(), lr=0.1)
+    load_state(store, alone, 1)
+    for optimizer in (in_state, alone):
+        kept = [t for s in optimizer.state.values() for t in s.values()]
+        assert len(kept) == 18  # step, exp_avg, exp_avg_sq of 6 parameters
+        for tensor in kept:
+            storage = tensor.untyped_storage()
+            assert storage.data_ptr() % 64 == 0 and storage.nbytes() == tensor.nbytes
+
+
 def test_views_of_one_storage_that_differ_are_saved_apart(tmp_path: Path) -> None:
     """Tensors sharing a storage at other offsets or strides are saved as their own values."""
     base = torch.arange(12.0).reshape(3, 4)

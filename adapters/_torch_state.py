@@ -383,7 +383,37 @@ def fit(obj: Any, saved: Any, where: str) -> Any:
                 f"{where}: the saved optimizer has parameter groups of sizes {got}, this one "
                 f"{have}; build the optimizer over the same parameters as when it was saved"
             )
+        return _own_param_names(obj, saved)
     return saved
+
+
+def _strip_wrappers(name: str) -> str:
+    while name.startswith((_WRAPPER_PREFIX, _COMPILED_PREFIX)):
+        name = name.partition(".")[2]
+    return name
+
+
+def _own_param_names(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> Any:
+    """``saved`` with the optimizer's own ``param_names`` where they differ only by wrappers.
+
+    An optimizer built from ``model.named_parameters()`` saves each group's parameter names,
+    and torch's ``load_state_dict`` puts the saved names in place of its own. Names saved from
+    a compiled or DataParallel model (``_orig_mod.fc.weight``) would then stay on an optimizer
+    of the bare model (``fc.weight``) and be saved again; this keeps the optimizer's names.
+    """
+    groups = []
+    for own, group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+        names, saved_names = own.get("param_names"), group.get("param_names")
+        if (
+            isinstance(names, list)
+            and isinstance(saved_names, list)
+            and names != saved_names
+            and all(isinstance(n, str) for n in saved_names)
+            and [_strip_wrappers(n) for n in names] == [_strip_wrappers(n) for n in saved_names]
+        ):
+            group = {**group, "param_names": list(names)}
+        groups.append(group)
+    return {**saved, "param_groups": groups}
 
 
 def _fit_module(module: torch.nn.Module, saved: Mapping[str, Any], where: str) -> Any:

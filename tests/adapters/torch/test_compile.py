@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from ckptkit import CheckpointStore, ConfigMismatchError  # noqa: E402
 from ckptkit.adapters.torch import TorchState, load_state, save_state, tree_to_state  # noqa: E402
 from tests.adapters.torch.models import TinyGPT, lm_loss  # noqa: E402
-from tests.adapters.torch.test_state import assert_tree_same  # noqa: E402
+from tests.adapters.torch.test_state import assert_same, assert_tree_same  # noqa: E402
 
 nn = torch.nn
 
@@ -153,3 +153,24 @@ def test_a_compiled_run_resumes_into_the_plain_model_and_back(tmp_path: Path) ->
         tree_to_state(plain_run.state_dict())["optimizer"],
         tree_to_state(back.state_dict())["optimizer"],
     )
+
+
+def test_named_parameter_groups_keep_this_model_s_names_across_compile(tmp_path: Path) -> None:
+    """An optimizer built from a compiled model's named_parameters loads into the plain one's."""
+    torch.manual_seed(0)
+    compiled = torch.compile(TinyGPT(), backend="eager")
+    optimizer = torch.optim.AdamW(compiled.named_parameters(), lr=0.01)
+    lm_loss(compiled, torch.randint(0, 32, (4, 9))).backward()
+    optimizer.step()
+    store = CheckpointStore(tmp_path)
+    save_state(store, 0, TorchState(model=compiled, optimizer=optimizer, rng=False))
+    assert store.load(0)["optimizer"]["param_groups"][0]["param_names"][0] == (
+        "_orig_mod.transformer.wte.weight"
+    )
+    plain = TinyGPT()
+    plain_optimizer = torch.optim.AdamW(plain.named_parameters(), lr=0.01)
+    load_state(store, TorchState(model=plain, optimizer=plain_optimizer, rng=False))
+    names = plain_optimizer.state_dict()["param_groups"][0]["param_names"]
+    assert names == [name for name, _ in plain.named_parameters()]
+    first = plain_optimizer.state_dict()["state"][0]["exp_avg"]
+    assert_same(first, optimizer.state_dict()["state"][0]["exp_avg"])

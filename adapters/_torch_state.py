@@ -17,7 +17,8 @@ from ckptkit._errors import ConfigMismatchError
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore, StepSelector
 
-from ._torch_convert import FromTree, ToTree
+from ._torch_convert import ToTree
+from ._torch_convert_read import FromTree
 from ._torch_data import ResumableSampler
 from ._torch_fit import fit, kind_of, restore
 from ._torch_loader import LoaderState, is_plain_loader

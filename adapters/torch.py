@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised in the Keras test envir
         "pip install 'ckptkit-ml[torch]'"
     ) from e
 
-from ._torch_convert import TiedTensorError
+from ._torch_convert_read import TiedTensorError
 from ._torch_data import ResumableSampler
 from ._torch_dist import DistributedCheckpointer, DistributedCheckpointError
 from ._torch_hooks import CheckpointCallback

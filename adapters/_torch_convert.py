@@ -1,4 +1,4 @@
-"""Convert torch state dicts to ckptkit's state tree and back, exactly, copying no CPU tensor.
+"""Convert torch state dicts to ckptkit's state tree, exactly, copying no CPU tensor.
 
 A torch state dict holds more than the core's tree can say: tensors, dicts keyed by ints (an
 optimizer's ``state``), dict subclasses whose type matters (``Counter``, the ``OrderedDict`` of
@@ -11,8 +11,16 @@ The conversion maps each onto the core's vocabulary:
 - a genuine numpy array (NumPy's RNG state, say) is kept as ``{"$torch": {"kind": "ndarray"},
   "array": arr}``, so it loads as a numpy array, not a tensor;
 - a second key for a tensor already converted (same storage, offset, shape, strides, dtype)
-  becomes ``{"$torch": {"kind": "alias", "path": [...]}}``, the tree path of the first: the bytes
-  are saved once and both keys load as the same tensor;
+  becomes ``{"$torch": {"kind": "alias", "up": n, "down": [...], "path": [...]}}``: the bytes
+  are saved once and both keys load as the same tensor. The first key's place is found from
+  the alias's own place: ``n`` steps up the tree, then down the keys ``down``, so any part of
+  the tree that holds both converts on its own (``tree_to_state(store.load()["model"])``).
+  ``path`` is the first key's path from the root of the tree converted, which is all that
+  aliases written before ``up``/``down`` have; such an alias is resolved by trying that path,
+  then the path below each ancestor of the alias, nearest first (the tree was saved nested
+  in a larger one), then ever shorter tails of it (a part of the tree is converted). The
+  marker is an :class:`ckptkit._tree.ArrayAlias` of the first key's array, so the arrays file's
+  header names the alias for readers without ckptkit;
 - a dict that is not a plain ``dict`` with ``str`` keys becomes ``{"$torch": {"kind": "dict",
   "type": "dict" | "OrderedDict" | "Counter", "keys": "str" | "int" | "pairs", "metadata": ...},
   **entries}``: int keys are written as decimal strings (so arrays keep names such as
@@ -25,6 +33,7 @@ A dict key that starts with ``$`` gets one more ``$`` (as the core does), so a d
 ``"$torch"`` is always one of these markers. Not kept: ``requires_grad``, tensor subclasses
 (a ``Parameter`` loads as a plain tensor), the strides of a non-contiguous tensor (it loads
 contiguous, with the same values), and sharing between tensors that overlap only in part.
+``_torch_convert_read`` converts such a tree back.
 """
 
 from __future__ import annotations
@@ -35,7 +44,8 @@ from typing import Any, TypeAlias
 import numpy as np
 import torch
 
-from ckptkit._errors import CorruptCheckpointError, UnsupportedStateError
+from ckptkit._errors import UnsupportedStateError
+from ckptkit._tree import ArrayAlias
 
 MARKER = "$torch"
 TreePath: TypeAlias = tuple[str | int, ...]
@@ -52,7 +62,7 @@ DTYPES: dict[torch.dtype, tuple[torch.dtype | None, str]] = {
     getattr(torch, name): (None, name) for name in _DIRECT if hasattr(torch, name)
 } | {getattr(torch, name): (via, name) for name, via in _VIEWED.items() if hasattr(torch, name)}
 _BY_NUMPY_NAME = {name: (torch_dtype, via) for torch_dtype, (via, name) in DTYPES.items()}
-_DICT_TYPES: dict[str, type[dict[Any, Any]]] = {
+DICT_TYPES: dict[str, type[dict[Any, Any]]] = {
     "dict": dict,
     "OrderedDict": OrderedDict,
     "Counter": Counter,
@@ -135,7 +145,7 @@ class ToTree:
     """One conversion of a torch state to a tree; remembers tensors seen, to save each once."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[Any, ...], TreePath] = {}
+        self._seen: dict[tuple[Any, ...], tuple[TreePath, np.ndarray]] = {}
         self._active: set[int] = set()
 
     def convert(self, value: Any, path: TreePath = ()) -> Any:
@@ -185,14 +195,14 @@ class ToTree:
             )
             first = self._seen.get(key)
             if first is not None:
-                return {MARKER: {"kind": "alias", "path": list(first)}}
+                return _alias(path, *first)
         array = tensor_to_array(tensor, path)
         if key is not None:
-            self._seen[key] = path
+            self._seen[key] = (path, array)
         return array
 
     def _dict(self, value: dict[Any, Any], path: TreePath) -> Any:
-        type_name = next((n for n, t in _DICT_TYPES.items() if type(value) is t), None)
+        type_name = next((n for n, t in DICT_TYPES.items() if type(value) is t), None)
         if type_name is None:
             raise UnsupportedStateError(
                 f"{render(path)}: a {type(value).__name__} cannot be saved (its type is not "
@@ -224,83 +234,15 @@ class ToTree:
         return out
 
 
-class FromTree:
-    """One conversion of a tree back to torch values; resolves aliases to the same tensor."""
-
-    def __init__(self, device: torch.device | None, source: str = "the tree") -> None:
-        self._device = device
-        self._source = source
-        self._tensors: dict[TreePath, torch.Tensor] = {}
-
-    def _corrupt(self, path: TreePath, problem: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"{self._source}: {render(path)}: {problem}; the torch state was damaged or written "
-            "by something other than the torch adapter"
-        )
-
-    def convert(self, value: Any, path: TreePath = ()) -> Any:
-        """Return the torch value for the tree ``value`` found at ``path``."""
-        if isinstance(value, np.ndarray):
-            tensor = array_to_tensor(value, path)
-            if self._device is not None:
-                tensor = tensor.to(self._device)
-            self._tensors[path] = tensor
-            return tensor
-        if isinstance(value, list):
-            return [self.convert(item, (*path, i)) for i, item in enumerate(value)]
-        if isinstance(value, tuple):
-            return tuple(self.convert(item, (*path, i)) for i, item in enumerate(value))
-        if not isinstance(value, dict):
-            return value
-        if MARKER in value:
-            return self._marker(value, path)
-        out = {}
-        for key, item in value.items():
-            if key.startswith("$") and not key.startswith("$$"):
-                raise self._corrupt(path, f"key {key!r} is neither a marker nor escaped")
-            out[key[1:] if key.startswith("$") else key] = self.convert(item, (*path, key))
-        return out
-
-    def _marker(self, value: dict[str, Any], path: TreePath) -> Any:
-        head = value[MARKER]
-        kind = head.get("kind") if isinstance(head, dict) else None
-        rest = {k: v for k, v in value.items() if k != MARKER}
-        if kind == "ndarray" and set(rest) == {"array"} and isinstance(rest["array"], np.ndarray):
-            return rest["array"]
-        if kind == "alias" and not rest and isinstance(head.get("path"), list):
-            target = self._tensors.get(tuple(head["path"]))
-            if target is None:
-                raise self._corrupt(path, f"an alias of {render(tuple(head['path']))}, no tensor")
-            return target
-        if (
-            kind == "dtype"
-            and not rest
-            and isinstance(getattr(torch, str(head.get("name")), None), torch.dtype)
-        ):
-            return getattr(torch, head["name"])
-        if kind == "device" and not rest and isinstance(head.get("name"), str):
-            return torch.device(head["name"])
-        if kind == "dict" and head.get("type") in _DICT_TYPES:
-            return self._dict(head, rest, path)
-        raise self._corrupt(path, f"malformed marker {head!r}")
-
-    def _dict(self, head: dict[str, Any], rest: dict[str, Any], path: TreePath) -> Any:
-        out = _DICT_TYPES[head["type"]]()
-        keys = head.get("keys")
-        if keys == "pairs" and set(rest) == {"pairs"} and isinstance(rest["pairs"], list):
-            for i, pair in enumerate(rest["pairs"]):
-                if not (isinstance(pair, list) and len(pair) == 2):
-                    raise self._corrupt((*path, "pairs", i), "not a [key, value] pair")
-                where = (*path, "pairs", i)
-                out[self.convert(pair[0], (*where, 0))] = self.convert(pair[1], (*where, 1))
-        elif keys == "int" and all(k.lstrip("-").isdigit() for k in rest):
-            for k, v in rest.items():
-                out[int(k)] = self.convert(v, (*path, k))
-        elif keys == "str":
-            for k, v in self.convert(rest, path).items():
-                out[k] = v
-        else:
-            raise self._corrupt(path, f"malformed dict marker {head!r}")
-        if "metadata" in head:
-            out._metadata = self.convert(head["metadata"], (*path, MARKER, "metadata"))  # type: ignore[attr-defined]  # torch's module state dicts carry this attribute
-        return out
+def _alias(path: TreePath, first: TreePath, array: np.ndarray) -> ArrayAlias:
+    """The marker at ``path`` for the tensor saved at ``first`` as ``array``."""
+    common = 0
+    while common < min(len(path), len(first)) and path[common] == first[common]:
+        common += 1
+    head = {
+        "kind": "alias",
+        "up": len(path) - common,
+        "down": list(first[common:]),
+        "path": list(first),  # what readers from before "up"/"down" resolve
+    }
+    return ArrayAlias({MARKER: head}, target=array)

@@ -7,25 +7,31 @@ yields batch k + 1 next, in the same order as the uninterrupted run would have.
 ``state_dict()`` records how far into that order the epoch has got. Loaded back, the next
 iteration skips what was already consumed, without re-drawing anything.
 
-Two things outside the sampler matter for a bit-exact resume, whatever shuffles the data:
+Put the ``DataLoader`` itself in the state (``TorchState(..., loader=loader)``): that saves
+the sampler's position and the loader's generator, and refuses the setups below that would
+resume wrongly. Two things outside the sampler matter for a bit-exact resume:
 
 - Pass ``generator=torch.Generator()`` to the ``DataLoader``. Otherwise each ``iter(loader)``
   draws its workers' base seed from torch's global generator, and a run resumed mid-epoch
   starts one iterator more than the uninterrupted run did, so its dropout (which reads the
-  global generator, saved with ``rng=True``) no longer matches.
+  global generator, saved with ``rng=True``) no longer matches. ``TorchState`` refuses such a
+  loader; a sampler put in the state without its loader raises instead at the resumed
+  epoch's first batch, when it finds the global generator drawn from since the resume.
 - ``num_workers > 0``: the loader asks the sampler for indices ahead of the loop, up to
   ``num_workers * prefetch_factor`` batches, so the sampler's own count runs ahead of what the
   loop has trained on. Iterate ``sampler.track(loader)`` instead of ``loader``: the sampler then
   counts the batches the loop has received, and a resumed run re-reads the prefetched ones.
   Keep the loader's default ``in_order=True`` (torch 2.6+). With ``num_workers=0`` there is no prefetch
-  and plain iteration counts exactly.
+  and plain iteration counts exactly. With the loader in the state, a save inside an epoch of
+  an untracked loader with workers raises. (Random numbers drawn inside the workers, by data
+  augmentation say, cannot resume inside an epoch: the resumed run starts new workers.)
 
 The common alternative, ``DataLoader(..., shuffle=True, generator=g)`` with ``g`` a seeded
-``torch.Generator`` saved in the state (``TorchState(..., loader=g)``), resumes exactly from a
+``torch.Generator``, in the state (``TorchState(..., loader=loader)``), resumes exactly from a
 checkpoint taken at an epoch boundary: the generator's state then decides the next epoch's
 order. It cannot resume inside an epoch, because the order of the epoch in progress was drawn
-when it began and the loader keeps no count of what it has handed out; use
-:class:`ResumableSampler` for that.
+when it began and the loader keeps no count of what it has handed out, so a save inside an
+epoch raises; use :class:`ResumableSampler` for that.
 """
 
 from __future__ import annotations
@@ -65,8 +71,9 @@ class ResumableSampler(Sampler[int]):
     Why: a loader that shuffles with ``RandomSampler`` keeps no record of how far into an
     epoch it is, so a checkpoint taken mid-epoch cannot resume at the next batch. This sampler
     derives epoch ``e``'s order from ``(seed, e)`` alone and counts the indices it has handed
-    out; put it in the checkpointed state (``TorchState(..., sampler=sampler)``) and a resumed
-    run continues with exactly the batch the interrupted run would have trained on next.
+    out; put its DataLoader (or the sampler itself) in the checkpointed state
+    (``TorchState(..., loader=loader)``) and a resumed run continues with exactly the batch the
+    interrupted run would have trained on next.
 
     Epochs: ``set_epoch(e)`` moves to epoch ``e`` at its start; called with the epoch the
     sampler is already in, it keeps the position, so a resumed loop that calls
@@ -94,7 +101,7 @@ class ResumableSampler(Sampler[int]):
         >>> sampler = ResumableSampler(dataset, seed=0)
         >>> loader = DataLoader(dataset, batch_size=32, sampler=sampler,
         ...                     generator=torch.Generator())
-        >>> ckpt = Checkpointer(store, None, TorchState(model=model, sampler=sampler, rng=True))
+        >>> ckpt = Checkpointer(store, None, TorchState(model=model, loader=loader, rng=True))
         >>> step = ckpt.resume()
         >>> for epoch in range(sampler.next_epoch, epochs):
         ...     sampler.set_epoch(epoch)
@@ -138,6 +145,9 @@ class ResumableSampler(Sampler[int]):
         self._consumed: int | None = None  # indices the loop has received, under track()
         self._tracking = False
         self._generation = 0  # bumped whenever the state is replaced: live iterations go stale
+        # Set by TorchState after a resume inside an epoch: the global generator's state then,
+        # which must be unchanged when the resumed epoch's first index is drawn.
+        self._resumed_rng: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self._length
@@ -172,8 +182,27 @@ class ResumableSampler(Sampler[int]):
         if epoch != self._epoch:
             self._epoch, self._position, self._consumed = epoch, 0, None
             self._generation += 1
+            self._resumed_rng = None
+
+    def _expect_global_rng(self, state: torch.Tensor) -> None:
+        """After a resume inside an epoch: check at the next iteration that ``state`` is intact."""
+        if 0 < self.position < self._length:
+            self._resumed_rng = state
+
+    def _check_global_rng(self) -> None:
+        expected, self._resumed_rng = self._resumed_rng, None
+        if expected is not None and not torch.equal(torch.get_rng_state(), expected):
+            raise ConfigMismatchError(
+                f"ResumableSampler: resumed inside epoch {self._epoch} at sample "
+                f"{self.position}, but torch's global random generator was drawn from between "
+                "the resume and this epoch's next batch, which the uninterrupted run did not "
+                "do, so the runs no longer match (dropout differs from here on). Usually the "
+                "DataLoader drew its workers' seed from it: pass generator=torch.Generator() to "
+                "the DataLoader, and draw no random numbers between the resume and the loop"
+            )
 
     def __iter__(self) -> Iterator[int]:
+        self._check_global_rng()
         start = self.position
         if start >= self._length:  # the epoch is done: begin the next one
             self._epoch, start = self._epoch + 1, 0
@@ -285,3 +314,4 @@ class ResumableSampler(Sampler[int]):
         self.seed = state["seed"]
         self._consumed = None
         self._generation += 1
+        self._resumed_rng = None

@@ -1,13 +1,13 @@
 """TorchState and the torch-level conversions: modules, optimizers, schedulers, scalers and RNG.
 
-The conversion of values is in ``_torch_convert``; this module decides what each object's state
-is, checks that a saved state fits the objects before touching any of them, and restores the
-random generators.
+The conversion of values is in ``_torch_convert``, the checks that a saved state fits its
+object in ``_torch_fit``; this module decides what each object's state is, checks the whole
+checkpoint before touching any object, restores all or none, and restores the random
+generators.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,27 +17,39 @@ from ckptkit._errors import ConfigMismatchError
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore, StepSelector
 
-from ._torch_convert import FromTree, ToTree
+from ._torch_convert import ToTree
+from ._torch_convert_read import FromTree
+from ._torch_data import ResumableSampler
+from ._torch_fit import fit, kind_of, restore
+from ._torch_loader import LoaderState, is_plain_loader
 from ._torch_rng import capture_rng, restore_rng
 
 _TYPES_KEY = "$types"
-_WRAPPERS = ("DataParallel", "DistributedDataParallel")
-_WRAPPER_PREFIX = "module."  # DataParallel / DistributedDataParallel name their child "module"
 
 
 class TorchState:
     """The training state of a torch run, as one object for :class:`ckptkit.Checkpointer`.
 
     Give it every object a resumed run must continue from, by name: modules, optimizers, LR
-    schedulers, ``torch.amp.GradScaler``, ``torch.Generator`` (a DataLoader's, say) and anything
+    schedulers, ``torch.amp.GradScaler``, ``torch.Generator``, ``DataLoader`` and anything
     with ``state_dict()``/``load_state_dict()``. With ``rng=True`` it also holds the global
     generators: Python's ``random``, NumPy's, torch's CPU generator and every initialised CUDA
     device's, so dropout and shuffling continue exactly.
 
+    A ``DataLoader`` is saved as the state of its shuffling generator(s) and of its sampler,
+    when that has one (:class:`ResumableSampler`). A save inside an epoch of a loader whose
+    sampler keeps no position (``shuffle=True``) raises rather than make a checkpoint that
+    would resume at the start of the epoch in another order; a ResumableSampler in a loader
+    without ``generator=`` is refused with ``rng=True`` (see :class:`ResumableSampler`). After a
+    resume inside an epoch, a ResumableSampler raises if torch's global generator was drawn
+    from before its first batch, since the run can then no longer match the uninterrupted one.
+
     ``state_dict()`` returns the core's tree (tensors as numpy arrays, views of CPU tensors:
     save it before training on); ``load_state_dict()`` checks the whole tree against the
     objects first, then restores each in place through its own ``load_state_dict``, so tied
-    parameters stay tied and tensors stay on their devices.
+    parameters stay tied and tensors stay on their devices. A module saved inside
+    ``DataParallel``/``DistributedDataParallel`` or compiled with ``torch.compile``, in any
+    combination, loads into the bare module or any other wrapping of it.
 
     A ``LambdaLR``/``MultiplicativeLR`` is saved without its functions (they are code, and
     torch's own state dict leaves them out): the scheduler you load into keeps the functions
@@ -52,10 +64,13 @@ class TorchState:
         **objects: the objects, by the names their parts have in the tree.
 
     Raises:
-        TypeError: an object has neither ``state_dict``/``load_state_dict`` nor is a Generator.
+        TypeError: an object has neither ``state_dict``/``load_state_dict`` nor is a Generator
+            or a DataLoader.
+        ValueError: a DataLoader cannot resume exactly with this ``rng`` (the message says
+            what to pass it).
 
     Example:
-        >>> state = TorchState(model=model, optimizer=opt, scheduler=sched, loader=gen)
+        >>> state = TorchState(model=model, optimizer=opt, scheduler=sched, loader=loader)
         >>> ckpt = Checkpointer(CheckpointStore("run"), StoppingPolicy(monitor="val_loss"), state)
         >>> start = ckpt.resume()
     """
@@ -64,18 +79,27 @@ class TorchState:
         self, *, rng: bool = True, map_location: str | torch.device | None = None, **objects: Any
     ) -> None:
         for name, obj in objects.items():
-            if not isinstance(obj, torch.Generator) and not (
-                callable(getattr(obj, "state_dict", None))
-                and callable(getattr(obj, "load_state_dict", None))
+            if (
+                not isinstance(obj, torch.Generator)
+                and not is_plain_loader(obj)
+                and not (
+                    callable(getattr(obj, "state_dict", None))
+                    and callable(getattr(obj, "load_state_dict", None))
+                )
             ):
                 raise TypeError(
                     f"TorchState({name}=...) is a {type(obj).__name__}, which has no "
-                    "state_dict()/load_state_dict() and is not a torch.Generator"
+                    "state_dict()/load_state_dict() and is not a torch.Generator or a DataLoader"
                 )
         if not objects and not rng:
             raise ValueError("TorchState() holds nothing: pass objects by name, or rng=True")
         self.objects = dict(objects)
         self.rng = bool(rng)
+        #: What is saved for each object: the object, or the LoaderState of a DataLoader.
+        self._parts: dict[str, Any] = {
+            name: LoaderState(obj, name=name, rng=self.rng) if is_plain_loader(obj) else obj
+            for name, obj in objects.items()
+        }
         self.map_location = None if map_location is None else torch.device(map_location)
 
     def __repr__(self) -> str:
@@ -84,13 +108,13 @@ class TorchState:
 
     def state_dict(self) -> dict[str, Any]:
         """Every object's state and (with ``rng``) the generators', as one core tree."""
-        parts: dict[str, Any] = {name: _own_state(obj) for name, obj in self.objects.items()}
+        parts: dict[str, Any] = {name: _own_state(obj) for name, obj in self._parts.items()}
         if self.rng:
             parts["rng"] = capture_rng()
         # Each part's class, so a state is never loaded into another kind of object (an Adam
         # state into SGD loads without complaint and fails, or drifts, much later). No keyword
         # argument can start with "$", so this key never collides with a part's name.
-        parts[_TYPES_KEY] = {name: _kind(obj) for name, obj in self.objects.items()}
+        parts[_TYPES_KEY] = {name: kind_of(obj) for name, obj in self._parts.items()}
         tree = ToTree().convert(parts)
         assert isinstance(tree, dict)
         return tree
@@ -111,7 +135,13 @@ class TorchState:
             raise ConfigMismatchError(
                 f"{where}a TorchState loads a dict of parts, not a {type(tree).__name__}"
             )
-        state = FromTree(map_location, where.rstrip(": ") or "TorchState").convert(dict(tree))
+        # Modules copy what they load into their parameters; every other part keeps its tensors.
+        kept = {n for n, obj in self._parts.items() if not isinstance(obj, torch.nn.Module)}
+        state = FromTree(
+            map_location,
+            where.rstrip(": ") or "TorchState",
+            own=lambda path: bool(path) and path[0] in kept,
+        ).convert(dict(tree))
         types = state.pop(_TYPES_KEY, {})
         missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
         if missing or unexpected:
@@ -119,15 +149,23 @@ class TorchState:
                 f"{where}the saved parts do not match this TorchState: missing {missing}, "
                 f"unexpected {unexpected}; pass the same names (and rng=...) as when it was saved"
             )
-        for name, obj in self.objects.items():
+        for name, obj in self._parts.items():
             saved_type = types.get(name) if isinstance(types, Mapping) else None
-            if saved_type is not None and saved_type != _kind(obj):
+            if saved_type is not None and saved_type != kind_of(obj):
                 raise ConfigMismatchError(
                     f"{where}part {name!r} was saved from a {saved_type}, and this TorchState "
-                    f"has a {_kind(obj)} there; pass the same kind of object"
+                    f"has a {kind_of(obj)} there; pass the same kind of object"
                 )
-        ready = {n: fit(obj, state[n], f"{where}part {n!r}") for n, obj in self.objects.items()}
-        _restore_all(self.objects, ready, state["rng"] if self.rng else None, where)
+        ready = {n: fit(obj, state[n], f"{where}part {n!r}") for n, obj in self._parts.items()}
+        _restore_all(self._parts, ready, state["rng"] if self.rng else None, where)
+        if self.rng:
+            # The uninterrupted run drew nothing from the global generator between this point
+            # and the next batch of the epoch in progress; a sampler resumed there checks that.
+            restored = torch.get_rng_state()
+            for obj in self._parts.values():
+                keeper = obj.position_keeper if isinstance(obj, LoaderState) else obj
+                if isinstance(keeper, ResumableSampler):
+                    keeper._expect_global_rng(restored)
 
 
 def _restore_all(
@@ -148,7 +186,7 @@ def _restore_all(
     try:
         for name in order:
             obj = objects[name]
-            before = None if isinstance(obj, torch.nn.Module) else _own_state(obj)
+            before = None if isinstance(obj, torch.nn.Module) else _current_state(obj)
             restore(obj, ready[name])
             done.append((name, before))
         name = "rng"
@@ -173,19 +211,13 @@ def _restore_all(
         ) from e
 
 
-def _kind(obj: Any) -> str:
-    """The class that decides what a state means: a wrapped module's, not its wrapper's."""
-    while isinstance(obj, torch.nn.Module):
-        inner = getattr(obj, "module", None) if type(obj).__name__ in _WRAPPERS else None
-        inner = inner if inner is not None else getattr(obj, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            break
-        obj = inner
-    return type(obj).__qualname__
-
-
 def _own_state(obj: Any) -> Any:
     return obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+
+
+def _current_state(obj: Any) -> Any:
+    """The state to put back after a failed load (a loader's, even inside an epoch)."""
+    return obj.current() if isinstance(obj, LoaderState) else _own_state(obj)
 
 
 def state_to_tree(obj: Any) -> Any:
@@ -223,17 +255,27 @@ def tree_to_state(tree: Any, *, map_location: str | torch.device | None = None) 
     """Convert a tree made by :func:`state_to_tree` back to a torch state dict.
 
     Every array becomes a tensor of the same dtype, shape and bytes, except the arrays that
-    were numpy arrays when saved; tensors saved once for several keys come back as one tensor.
+    were numpy arrays when saved; tensors saved once for several keys (tied weights) come back
+    as one tensor. Any part of a loaded tree converts on its own (``store.load()["model"]``),
+    as long as it holds every key of each tied tensor it holds.
+
+    CPU tensors share the memory of the loaded arrays (nothing is copied), which suits
+    ``model.load_state_dict``: it copies them into the parameters. An object that keeps the
+    tensors it loads (an optimizer) then keeps views into the checkpoint's file buffer, at
+    arbitrary alignment; :func:`load_state` and :class:`TorchState` give such objects fresh
+    copies instead, as a bit-exact resume needs.
 
     Args:
-        tree: the tree, e.g. from :meth:`ckptkit.CheckpointStore.load`.
+        tree: the tree, e.g. from :meth:`ckptkit.CheckpointStore.load`, or a part of it.
         map_location: the device to make tensors on (None: the CPU).
 
     Raises:
         CorruptCheckpointError: a ``{"$torch": ...}`` marker is malformed.
+        TiedTensorError: a tensor of ``tree`` is tied to one whose bytes were saved under a key
+            outside ``tree``: convert the whole tree, or a part that holds both keys.
 
     Example:
-        >>> model.load_state_dict(tree_to_state(store.load()))
+        >>> model.load_state_dict(tree_to_state(store.load()["model"]))
     """
     device = None if map_location is None else torch.device(map_location)
     return FromTree(device).convert(tree)
@@ -281,99 +323,7 @@ def load_state(
         device = device if device is not None else state.map_location
         state._load(loaded.state, device, f"{where}: ")
     else:
-        restore(state, fit(state, FromTree(device, where).convert(loaded.state), where))
+        kept = not isinstance(state, torch.nn.Module)  # a module copies into its parameters
+        converted = FromTree(device, where, own=lambda path: kept).convert(loaded.state)
+        restore(state, fit(state, converted, where))
     return loaded.record
-
-
-def fit(obj: Any, saved: Any, where: str) -> Any:
-    """Check that ``saved`` fits ``obj`` (adding or stripping ``module.``); return what to load.
-
-    Raises:
-        ConfigMismatchError: keys or parameter groups differ; the message lists them.
-    """
-    if isinstance(obj, torch.Generator):
-        if not isinstance(saved, torch.Tensor) or saved.dtype != torch.uint8:
-            raise ConfigMismatchError(f"{where}: the saved state is not a generator's state")
-        return saved.cpu()
-    if isinstance(obj, torch.nn.Module) and isinstance(saved, Mapping):
-        return _fit_module(obj, saved, where)
-    if isinstance(obj, torch.optim.Optimizer) and isinstance(saved, Mapping):
-        groups = saved.get("param_groups")
-        have = [len(g["params"]) for g in obj.param_groups]
-        got = None
-        if isinstance(groups, list) and all(isinstance(g, Mapping) for g in groups):
-            got = [len(g.get("params", ())) for g in groups]
-        if got != have:
-            raise ConfigMismatchError(
-                f"{where}: the saved optimizer has parameter groups of sizes {got}, this one "
-                f"{have}; build the optimizer over the same parameters as when it was saved"
-            )
-    return saved
-
-
-def _fit_module(module: torch.nn.Module, saved: Mapping[str, Any], where: str) -> Any:
-    own = module.state_dict()
-    expected = set(own)
-    candidates = [saved] + [
-        r
-        for old, new in ((_WRAPPER_PREFIX, ""), ("", _WRAPPER_PREFIX))
-        if (r := _replace_prefix(saved, old, new)) is not None
-    ]
-    for candidate in candidates:
-        if set(candidate) == expected:
-            _check_tensors(own, candidate, type(module).__name__, where)
-            return candidate
-    missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
-    raise ConfigMismatchError(
-        f"{where}: the saved state does not fit {type(module).__name__}: missing keys "
-        f"{_show(missing)}, unexpected keys {_show(unexpected)}; load it into the model it was "
-        "saved from (the same architecture and names)"
-    )
-
-
-def _check_tensors(own: Mapping[str, Any], saved: Mapping[str, Any], kind: str, where: str) -> None:
-    """Refuse before loading anything if a tensor's shape or dtype differs from the module's."""
-    wrong = [
-        f"{key}: saved {tuple(value.shape)} {value.dtype}, here {tuple(own[key].shape)} {own[key].dtype}"
-        for key, value in saved.items()
-        if isinstance(value, torch.Tensor)
-        and isinstance(own[key], torch.Tensor)
-        and (value.shape != own[key].shape or value.dtype != own[key].dtype)
-    ]
-    if wrong:
-        raise ConfigMismatchError(
-            f"{where}: the saved state does not fit {kind}: {_show(wrong)}; load it into a model "
-            "built with the same sizes and dtypes as when it was saved"
-        )
-
-
-def _show(keys: list[str]) -> str:
-    return str(keys) if len(keys) <= 10 else f"{keys[:10]} and {len(keys) - 10} more"
-
-
-def _replace_prefix(saved: Mapping[str, Any], old: str, new: str) -> OrderedDict[str, Any] | None:
-    """``saved`` with each key's ``old`` prefix made ``new``; None if a key lacks ``old``."""
-    if not all(key.startswith(old) for key in saved):
-        return None
-    out = OrderedDict((new + key[len(old) :], value) for key, value in saved.items())
-    metadata = getattr(saved, "_metadata", None)
-    if isinstance(metadata, Mapping):
-        # Keyed by module path without the trailing dot ("" is the root): as a key prefix,
-        # "fc" is "fc." and the root is "".
-        kept: OrderedDict[str, Any] = OrderedDict()
-        for path, info in metadata.items():
-            prefix = path + "." if path else ""
-            if prefix.startswith(old):
-                kept[(new + prefix[len(old) :]).removesuffix(".")] = info
-        out._metadata = kept  # type: ignore[attr-defined]  # read by Module.load_state_dict
-    return out
-
-
-def restore(obj: Any, saved: Any) -> None:
-    """Put a state checked by :func:`fit` into ``obj`` through its own API."""
-    if isinstance(obj, torch.Generator):
-        obj.set_state(saved)
-    elif isinstance(obj, torch.nn.Module):
-        obj.load_state_dict(saved, strict=True)
-    else:
-        obj.load_state_dict(saved)

@@ -21,6 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised in the Keras test envir
         "pip install 'ckptkit-ml[torch]'"
     ) from e
 
+from ._torch_convert_read import TiedTensorError
 from ._torch_data import ResumableSampler
 from ._torch_dist import DistributedCheckpointer, DistributedCheckpointError
 from ._torch_hooks import CheckpointCallback
@@ -39,6 +40,7 @@ __all__ = [
     "DistributedCheckpointer",
     "ResumableSampler",
     "RngStateWarning",
+    "TiedTensorError",
     "TorchState",
     "load_state",
     "save_state",

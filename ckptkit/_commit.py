@@ -28,11 +28,13 @@ def write_directory(
     arrays: Mapping[str, np.ndarray],
     state_bytes: bytes,
     progress: Update | None = None,
+    header: Mapping[str, str] | None = None,
 ) -> tuple[str, tuple[FileEntry, ...]]:
     """Write a checkpoint's files into a temporary directory, then rename it into place.
 
     Every file and the directory are fsynced before the rename, so the final name never
     refers to incomplete data. On any failure the temporary is removed and nothing is renamed.
+    ``header`` is the arrays file's ``__metadata__`` (none is written when it is empty).
     Returns the directory's final name and the files with their sizes and checksums.
     """
     tmp = root / _fsio.temp_name()
@@ -40,7 +42,7 @@ def write_directory(
     try:
         writer = _fsio.HashingWriter(tmp / "arrays.safetensors", progress=progress)
         try:
-            write_safetensors(writer, arrays)
+            write_safetensors(writer, arrays, header or None)
             writer.commit()
         except BaseException:
             writer.abort()

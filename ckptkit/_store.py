@@ -48,7 +48,7 @@ from ckptkit._record import CheckpointRecord
 from ckptkit._retention import RetentionPlan, RetentionPolicy
 from ckptkit._store_lock import LOCK_NAME, StoreLocking
 from ckptkit._store_read import Checkpoint, FallbackWarning, StepSelector
-from ckptkit._tree import decode_json_value, encode_json_value, flatten_state
+from ckptkit._tree import decode_json_value, encode_json_value, flatten_for_store
 from ckptkit._validate import check_metrics, check_step
 
 __all__ = ["LOCK_NAME", "Checkpoint", "CheckpointStore", "FallbackWarning", "StepSelector"]
@@ -65,6 +65,7 @@ class _SaveJob:
     metrics: dict[str, float]
     metadata: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    header: dict[str, str]  # the arrays file's __metadata__: the aliases
     state_bytes: bytes
     overwrite: bool
     protected: frozenset[int]
@@ -270,7 +271,7 @@ class CheckpointStore(StoreLocking):
         step = check_step(step)
         metric_values = check_metrics(metrics, step=step)
         meta = self._check_metadata(metadata, step)
-        skeleton, arrays = flatten_state(state)
+        skeleton, arrays, header = flatten_for_store(state)
         doc = {"format_version": STATE_FORMAT_VERSION, "tree": skeleton}
         state_bytes = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
         if len(state_bytes) > MAX_STATE_JSON_BYTES:
@@ -284,6 +285,7 @@ class CheckpointStore(StoreLocking):
             metrics=metric_values,
             metadata=meta,
             arrays=arrays,
+            header=header,
             state_bytes=state_bytes,
             overwrite=overwrite,
             # The step being written is kept even when it is not the newest (a re-run of an
@@ -305,7 +307,7 @@ class CheckpointStore(StoreLocking):
             total = sum(a.nbytes for a in job.arrays.values())
             with _progress.bar(self.progress, total, f"saving step {step}") as update:
                 directory, files = write_directory(
-                    self.root, step, job.arrays, job.state_bytes, update
+                    self.root, step, job.arrays, job.state_bytes, update, job.header
                 )
             record = CheckpointRecord(
                 step=step,

@@ -24,8 +24,14 @@ Tensor names are the key path joined with ``.`` (list and tuple positions as num
 paths give the same name (keys may contain ``.``) the later one gets ``#1``, ``#2``, ... in
 traversal order; the skeleton records the exact name, so loading never guesses.
 
-What does not survive: dict subclasses (``OrderedDict``) come back as ``dict`` with the same
-key order; a value reachable twice is saved twice and loads as two independent copies;
+An adapter whose state holds one array under several keys (tied weights) saves it once and
+puts an :class:`ArrayAlias` at each other key: a dict, saved as any dict, that also names the
+array it stands for. The arrays file's header then lists each such place as an alias of that
+array's tensor (``__metadata__["ckptkit.aliases"]``), so a reader without ckptkit can re-tie.
+
+What does not survive: dict subclasses (``OrderedDict``, ``ArrayAlias``) come back as ``dict``
+with the same key order; a value reachable twice is saved twice and loads as two independent
+copies;
 big-endian arrays load as the native-order dtype with the same values. Anything else that
 cannot come back exactly (sets, bytes, objects, str/object/structured/datetime arrays,
 subclasses of int/str/tuple, non-str keys, cycles) raises :class:`UnsupportedStateError`.
@@ -38,7 +44,7 @@ import math
 import re
 import struct
 from collections.abc import Mapping
-from typing import TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -56,6 +62,44 @@ _TOO_DEEP = "{what} is nested too deeply for Python's recursion limit; flatten i
 _SUPPORTED = (
     "dicts with str keys, lists, tuples, numpy arrays and scalars, None, bool, int, float, str"
 )
+
+
+#: The key of the arrays file's ``__metadata__`` that lists aliases: a JSON object mapping
+#: each alias name to the name of the tensor it stands for.
+ALIASES_KEY = "ckptkit.aliases"
+
+
+class ArrayAlias(dict[str, Any]):
+    """A place of a state tree that holds an array saved at another place of the same tree.
+
+    Why: a model with tied weights has one tensor under two keys (GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``). An adapter saves the array once, at its
+    first key, and puts an ``ArrayAlias`` at the other: a dict of the adapter's own marker,
+    which ``state.json`` holds at this place and loading gives back as a plain dict (the
+    adapter resolves it), and which also names the array it stands for. The store lists the
+    place's tensor name as an alias of that array's tensor in the arrays file's header, so a
+    plain safetensors reader can put the tensor under both names.
+
+    Args:
+        items: what the tree holds at this place, saved and loaded as any dict.
+        target: the array this place stands for: the very object saved at another place of
+            the same state.
+
+    Raises:
+        TypeError: ``target`` is not a numpy array.
+
+    Example:
+        >>> w = np.zeros(2, np.float32)
+        >>> state = {"a": w, "b": ArrayAlias({"tied": "a"}, target=w)}
+        >>> flatten_for_store(state).header
+        {'ckptkit.aliases': '{"b":"a"}'}
+    """
+
+    def __init__(self, items: Mapping[str, Any], *, target: np.ndarray) -> None:
+        if not isinstance(target, np.ndarray):
+            raise TypeError(f"ArrayAlias target must be a numpy array, not {type(target).__name__}")
+        super().__init__(items)
+        self.target = target
 
 
 def _render(root: str, path: _Path) -> str:
@@ -100,6 +144,9 @@ class _Encoder:
         self._root = root
         self._arrays = arrays
         self._active: set[int] = set()  # containers on the current path, to catch cycles
+        self._names_by_id: dict[int, str] = {}  # each array object's first tensor name
+        self._alias_names: set[str] = set()
+        self.aliases: list[tuple[str, np.ndarray, _Path]] = []  # name, target, where
 
     def _unsupported(self, path: _Path, problem: str) -> UnsupportedStateError:
         return UnsupportedStateError(f"{_render(self._root, path)}: {problem}")
@@ -132,6 +179,14 @@ class _Encoder:
         raise self._unsupported(path, f"unsupported type {kind.__name__}; {_type_hint(value)}")
 
     def _container(self, value: object, path: _Path) -> JSONValue:
+        if isinstance(value, ArrayAlias):
+            if self._arrays is None:
+                raise self._unsupported(
+                    path, f"an array alias cannot be stored in {self._root}; it holds no arrays"
+                )
+            name = self._free_name(path)
+            self._alias_names.add(name)
+            self.aliases.append((name, value.target, path))
         if isinstance(value, list):
             return [self.encode(item, (*path, i)) for i, item in enumerate(value)]
         if isinstance(value, tuple):
@@ -176,15 +231,40 @@ class _Encoder:
                 path,
                 f"numpy array of dtype {value.dtype} cannot be saved; {_dtype_hint(value.dtype)}",
             )
+        name = self._free_name(path)
+        self._arrays[name] = value
+        self._names_by_id.setdefault(id(value), name)
+        return {"$array": name}
+
+    def _free_name(self, path: _Path) -> str:
+        """The tensor name of ``path``: its keys joined with ``.``, with ``#n`` if already taken."""
+        assert self._arrays is not None
         # Keys may hold lone surrogates, which no UTF-8 header can carry; escape them.
         parts = [str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in path]
         base = ".".join(parts) if parts else self._root
         name, n = base, 0
-        while name in self._arrays or name == "__metadata__":
+        while name in self._arrays or name in self._alias_names or name == "__metadata__":
             n += 1
             name = f"{base}#{n}"
-        self._arrays[name] = value
-        return {"$array": name}
+        return name
+
+    def alias_names(self) -> dict[str, str]:
+        """Alias name -> tensor name, for every :class:`ArrayAlias` encoded.
+
+        Raises:
+            UnsupportedStateError: an alias's target is not saved at any place of the state.
+        """
+        out = {}
+        for name, target, path in self.aliases:
+            tensor = self._names_by_id.get(id(target))
+            if tensor is None:
+                raise self._unsupported(
+                    path,
+                    "an alias of an array that the state does not hold at any other place; "
+                    "put the array itself in the state",
+                )
+            out[name] = tensor
+        return out
 
 
 class _Decoder:
@@ -282,12 +362,63 @@ def _numpy_dtype_or_none(code: object) -> np.dtype[np.generic] | None:
         return None
 
 
+class FlatState(NamedTuple):
+    """A state split for the store: what ``state.json`` holds, the arrays, the arrays' header."""
+
+    #: The JSON skeleton of ``state.json``'s ``tree``.
+    skeleton: JSONValue
+    #: Tensor name -> array, for the arrays file.
+    arrays: dict[str, np.ndarray]
+    #: The arrays file's ``__metadata__``: ``{}``, or ``{ALIASES_KEY: <JSON object>}``.
+    header: dict[str, str]
+
+
+def flatten_for_store(state: object) -> FlatState:
+    """Split ``state`` into its skeleton, its arrays and its arrays file's header metadata.
+
+    The header lists the state's :class:`ArrayAlias` places, if any, under
+    ``"ckptkit.aliases"``: a JSON object (sorted keys) mapping each alias's name (its key
+    path joined with ``.``, as tensor names are) to the tensor name of the array it stands for.
+    Without aliases the header is empty, and the file has no ``__metadata__``.
+
+    Args:
+        state: the state tree.
+
+    Returns:
+        ``(skeleton, arrays, header)``; see :func:`flatten_state` for the first two.
+
+    Raises:
+        UnsupportedStateError: as :func:`flatten_state`, or an alias's target array is not
+            saved at any place of the state.
+
+    Example:
+        >>> w = np.ones(2, np.float32)
+        >>> flat = flatten_for_store({"emb": w, "head": ArrayAlias({}, target=w)})
+        >>> flat.skeleton, list(flat.arrays), flat.header
+        ({'emb': {'$array': 'emb'}, 'head': {}}, ['emb'], {'ckptkit.aliases': '{"head":"emb"}'})
+    """
+    arrays: dict[str, np.ndarray] = {}
+    encoder = _Encoder("state", arrays)
+    try:
+        skeleton = encoder.encode(state, ())
+    except RecursionError:
+        raise UnsupportedStateError(_TOO_DEEP.format(what="state")) from None
+    aliases = encoder.alias_names()
+    header = {}
+    if aliases:
+        header[ALIASES_KEY] = json.dumps(
+            aliases, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+        )
+    return FlatState(skeleton, arrays, header)
+
+
 def flatten_state(state: object) -> tuple[JSONValue, dict[str, np.ndarray]]:
     """Split ``state`` into a JSON skeleton and the arrays it refers to, without copying them.
 
     The skeleton goes to ``state.json`` and the arrays to one safetensors file; the encoding is
     described in this module's docstring. Arrays are returned as given (possibly
-    non-contiguous or big-endian); :func:`write_safetensors` lays them out.
+    non-contiguous or big-endian); :func:`write_safetensors` lays them out. The store uses
+    :func:`flatten_for_store`, which also gives the arrays file's header (the aliases).
 
     Args:
         state: the state tree.
@@ -308,11 +439,7 @@ def flatten_state(state: object) -> tuple[JSONValue, dict[str, np.ndarray]]:
         >>> list(arrays)
         ['w']
     """
-    arrays: dict[str, np.ndarray] = {}
-    try:
-        skeleton = _Encoder("state", arrays).encode(state, ())
-    except RecursionError:
-        raise UnsupportedStateError(_TOO_DEEP.format(what="state")) from None
+    skeleton, arrays, _ = flatten_for_store(state)
     return skeleton, arrays
 
 

@@ -16,10 +16,17 @@ import pytest
 import safetensors.numpy
 from hypothesis import given
 
-from ckptkit import CorruptCheckpointError, UnsupportedStateError
+from ckptkit import CheckpointStore, CorruptCheckpointError, UnsupportedStateError
 from ckptkit._safetensors import write_safetensors
 from ckptkit._safetensors_read import parse_safetensors
-from ckptkit._tree import decode_json_value, encode_json_value, flatten_state, unflatten_state
+from ckptkit._tree import (
+    ArrayAlias,
+    decode_json_value,
+    encode_json_value,
+    flatten_for_store,
+    flatten_state,
+    unflatten_state,
+)
 from tests.strategies import DTYPE_CODES, assert_same_state, numpy_scalars, state_trees
 
 
@@ -172,6 +179,67 @@ def test_root_array_and_unicode_keys() -> None:
     _, arrays = flatten_state(state)
     assert list(arrays) == ["\u00e9.\\ud800"]
     assert_same_state(state, _round_trip(state))
+
+
+def test_aliases_are_named_in_the_arrays_header_and_save_their_items() -> None:
+    """An ArrayAlias saves its items as a dict and adds alias name -> tensor name to the header."""
+    w = np.arange(4, dtype=np.float32)
+    state = {"model": {"wte": w, "head": ArrayAlias({"tied": ["wte"]}, target=w)}, "step": 3}
+    skeleton, arrays, header = flatten_for_store(state)
+    assert skeleton == {
+        "model": {"wte": {"$array": "model.wte"}, "head": {"tied": ["wte"]}},
+        "step": 3,
+    }
+    assert list(arrays) == ["model.wte"] and arrays["model.wte"] is w
+    assert header == {"ckptkit.aliases": '{"model.head":"model.wte"}'}
+    assert flatten_for_store({"w": w}).header == {}
+    assert flatten_state(state) == (skeleton, arrays)
+
+
+def test_alias_names_never_take_a_tensor_name() -> None:
+    """An alias and an array whose paths join to one name get distinct names, #1 to the later."""
+    w = np.zeros(2)
+    state = {
+        "a": {"b": ArrayAlias({}, target=w)},
+        "a.b": w,
+        "c": {"d": w},
+        "c.d": ArrayAlias({}, target=w),
+    }
+    _, arrays, header = flatten_for_store(state)
+    assert list(arrays) == ["a.b#1", "c.d"]
+    assert json.loads(header["ckptkit.aliases"]) == {"a.b": "a.b#1", "c.d#1": "a.b#1"}
+
+
+def test_an_alias_of_an_array_saved_nowhere_is_refused() -> None:
+    """An alias must stand for an array the state saves elsewhere; the message names its path."""
+    state = {"w": np.zeros(2), "tied": ArrayAlias({}, target=np.zeros(2))}
+    with pytest.raises(UnsupportedStateError) as info:
+        flatten_for_store(state)
+    assert str(info.value) == (
+        'state["tied"]: an alias of an array that the state does not hold at any other place; '
+        "put the array itself in the state"
+    )
+    with pytest.raises(UnsupportedStateError, match=r'metadata\["x"\]: an array alias cannot'):
+        encode_json_value({"x": ArrayAlias({}, target=np.zeros(1))}, what="metadata")
+    with pytest.raises(TypeError, match="ArrayAlias target must be a numpy array, not list"):
+        ArrayAlias({}, target=[1.0])  # type: ignore[arg-type]
+
+
+def test_a_store_writes_aliases_to_the_header_and_loads_plain_dicts(tmp_path: Path) -> None:
+    """A saved alias is a plain dict when loaded and an alias in the file's __metadata__."""
+    w = np.arange(3, dtype=np.int64)
+    store = CheckpointStore(tmp_path)
+    store.save(0, {"emb": w, "head": ArrayAlias({"same as": "emb"}, target=w)})
+    loaded = store.load(0)
+    assert type(loaded["head"]) is dict and loaded["head"] == {"same as": "emb"}
+    store.save_async(1, {"emb": w, "x": [ArrayAlias({}, target=w)]}).result()
+    for directory, aliases in (
+        ("step_000000000000", '{"head":"emb"}'),
+        ("step_000000000001", '{"x.0":"emb"}'),
+    ):
+        with safetensors.safe_open(str(tmp_path / directory / "arrays.safetensors"), "np") as f:
+            assert f.metadata() == {"ckptkit.aliases": aliases}
+            assert list(f.keys()) == ["emb"]
 
 
 def test_unflatten_returns_the_given_arrays_without_copying() -> None:

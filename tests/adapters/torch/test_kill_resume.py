@@ -3,8 +3,10 @@
 Each run is ``workers/train_worker.py`` in a fresh process: an MLP with dropout, AdamW, StepLR
 and a shuffling DataLoader, checkpointed through ``TorchState`` either at epoch ends (the
 loader's seeded generator in the state) or also every few batches (a ``ResumableSampler`` in
-the state). A killed run is resumed by new processes until one finishes; its final parameters
-and its last checkpoint must equal the uninterrupted run's byte for byte.
+the state); or a GPT-2-like model with tied embeddings, AdamW and a per-batch OneCycleLR, its
+DataLoader (with a ResumableSampler) in the state, checkpointed every few batches. A killed
+run is resumed by new processes until one finishes; its final parameters and its last
+checkpoint must equal the uninterrupted run's byte for byte.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from ckptkit.demo import trees_identical  # noqa: E402
 WORKER = str(Path(__file__).parent / "workers" / "train_worker.py")
 #: Random-kill trials per saving mode; CKPTKIT_TORCH_KILL_TRIALS=100 runs a long campaign.
 TRIALS = int(os.environ.get("CKPTKIT_TORCH_KILL_TRIALS", "2"))
-MODES = ("epoch", "mid")
+MODES = ("epoch", "mid", "lm")
 FINAL_STEP = 80  # 5 epochs of 16 batches
-SAVES = {"epoch": 5, "mid": 20}  # saves in a whole run: at epoch ends; also every 4 batches
+SAVES = {"epoch": 5, "mid": 20, "lm": 20}  # saves in a run: at epoch ends; also every 4 batches
 # Trials run side by side: each process spends most of its time importing torch.
 PARALLEL = max(2, min(4, os.cpu_count() or 1))
 _T = TypeVar("_T")
@@ -137,6 +139,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             lambda: run_to_end(root / "epoch", "epoch"),
             lambda: run_to_end(root / "mid", "mid"),
             lambda: run_to_end(root / "mid-rare", "mid", "1000"),
+            lambda: run_to_end(root / "lm", "lm"),
         ]
     )
     for run in runs:
@@ -145,7 +148,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "epoch": runs[0].digest,
         "mid": runs[1].digest,
         "mid-rare": runs[2].digest,
-        "stores": {"epoch": root / "epoch", "mid": root / "mid"},
+        "lm": runs[3].digest,
+        "stores": {mode: root / mode for mode in MODES},
     }
 
 

@@ -20,12 +20,10 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from ckptkit import (  # noqa: E402 (after the importorskip)
-    Checkpointer,
     CheckpointStore,
     CkptkitError,
     ConfigMismatchError,
     CorruptCheckpointError,
-    StoppingPolicy,
     UnsupportedStateError,
 )
 from ckptkit._tree import flatten_state, unflatten_state  # noqa: E402
@@ -195,8 +193,8 @@ def test_malformed_markers_are_corrupt() -> None:
     """A damaged {"$torch": ...} marker raises CorruptCheckpointError naming its path."""
     with pytest.raises(CorruptCheckpointError, match=r'state\["a"\]: malformed marker'):
         tree_to_state({"a": {"$torch": {"kind": "nope"}}})
-    with pytest.raises(CorruptCheckpointError, match=r"an alias of state\[\"b\"\], no tensor"):
-        tree_to_state({"a": {"$torch": {"kind": "alias", "path": ["b"]}}})
+    with pytest.raises(CorruptCheckpointError, match=r'state\["a"\]: malformed alias marker'):
+        tree_to_state({"a": {"$torch": {"kind": "alias", "path": ["b"], "up": -1, "down": []}}})
     with pytest.raises(CorruptCheckpointError, match=r"key '\$x' is neither a marker nor escaped"):
         tree_to_state({"a": {"$x": 1}})
 
@@ -275,7 +273,12 @@ def test_tied_parameters_are_saved_once_and_stay_tied(tmp_path: Path) -> None:
     save_state(store, 0, TorchState(model=model, rng=False))
     skeleton = json.loads((tmp_path / "store/step_000000000000/state.json").read_text())
     assert skeleton["tree"]["model"]["out.weight"] == {
-        "$$torch": {"kind": "alias", "path": ["model", "emb.weight"]}
+        "$$torch": {
+            "kind": "alias",
+            "up": 1,
+            "down": ["emb.weight"],
+            "path": ["model", "emb.weight"],
+        }
     }
     fresh = TiedLM()
     load_state(store, TorchState(model=fresh, rng=False))
@@ -283,6 +286,37 @@ def test_tied_parameters_are_saved_once_and_stay_tied(tmp_path: Path) -> None:
     assert_same(fresh.emb.weight, model.emb.weight)
     loaded = tree_to_state(store.load(0))["model"]
     assert loaded["out.weight"] is loaded["emb.weight"]
+
+
+def test_loaded_optimizer_state_is_fresh_memory_not_views_of_the_file(tmp_path: Path) -> None:
+    """Tensors an object keeps are copies in torch's allocation; modules copy theirs anyway.
+
+    Views into the file buffer sit at arbitrary offsets, where vectorised kernels may round
+    differently (LBFGS drifted after a resume), and would keep the whole buffer alive.
+    """
+
+    def mlp() -> Any:
+        return nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 7), nn.Linear(7, 1))
+
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    store = CheckpointStore(tmp_path / "store")
+    save_state(store, 0, TorchState(model=model, optimizer=opt, rng=False))
+    save_state(store, 1, opt)
+    fresh_model = mlp()
+    in_state = torch.optim.Adam(fresh_model.parameters(), lr=0.1)
+    load_state(store, TorchState(model=fresh_model, optimizer=in_state, rng=False), 0)
+    alone = torch.optim.Adam(mlp().parameters(), lr=0.1)
+    load_state(store, alone, 1)
+    for optimizer in (in_state, alone):
+        kept = [t for s in optimizer.state.values() for t in s.values()]
+        assert len(kept) == 18  # step, exp_avg, exp_avg_sq of 6 parameters
+        for tensor in kept:
+            storage = tensor.untyped_storage()
+            assert storage.data_ptr() % 64 == 0 and storage.nbytes() == tensor.nbytes
 
 
 def test_views_of_one_storage_that_differ_are_saved_apart(tmp_path: Path) -> None:
@@ -525,129 +559,6 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path: Path, victim: str)
     with pytest.raises(CkptkitError, match=victim.replace(".", r"\.")):
         load_state(store, TorchState(model=nn.Linear(2, 1), rng=False))
     assert not marker.exists()
-
-
-# -- exact resume -------------------------------------------------------------------------------
-
-
-def _optimizer(name: str, params: Any) -> Any:
-    return {
-        "Adam": lambda: torch.optim.Adam(params, lr=0.05),
-        "Adam-tensor-lr": lambda: torch.optim.Adam(params, lr=torch.tensor(0.05)),
-        "AdamW": lambda: torch.optim.AdamW(params, lr=0.05, weight_decay=0.1),
-        "SGD": lambda: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True),
-        "RMSprop": lambda: torch.optim.RMSprop(params, lr=0.01, momentum=0.5, centered=True),
-    }[name]()
-
-
-def _scheduler(name: str, opt: Any) -> Any:
-    return {
-        "StepLR": lambda: lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
-        "MultiStepLR": lambda: lr_scheduler.MultiStepLR(opt, milestones=[2, 4, 4], gamma=0.5),
-        "CosineAnnealingLR": lambda: lr_scheduler.CosineAnnealingLR(opt, T_max=5),
-        "OneCycleLR": lambda: lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10),
-        "SequentialLR": lambda: lr_scheduler.SequentialLR(
-            opt,
-            [lr_scheduler.LinearLR(opt, 0.5, total_iters=2), lr_scheduler.ExponentialLR(opt, 0.9)],
-            milestones=[2],
-        ),
-        "ReduceLROnPlateau": lambda: lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5),
-        "LambdaLR": lambda: lr_scheduler.LambdaLR(opt, lambda epoch: 0.9**epoch),
-    }[name]()
-
-
-PAIRS = [
-    ("Adam", "StepLR"),
-    ("AdamW", "MultiStepLR"),
-    ("SGD", "CosineAnnealingLR"),
-    ("RMSprop", "OneCycleLR"),
-    ("Adam", "SequentialLR"),
-    ("SGD", "ReduceLROnPlateau"),
-    ("AdamW", "LambdaLR"),
-    ("Adam-tensor-lr", "StepLR"),
-]
-
-
-def _run(opt_name: str, sched_name: str, *, seed: int, scaler: bool) -> TorchState:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1))
-    opt = _optimizer(opt_name, model.parameters())
-    parts: dict[str, Any] = {
-        "model": model,
-        "optimizer": opt,
-        "scheduler": _scheduler(sched_name, opt),
-        "loader": torch.Generator().manual_seed(seed + 1),
-    }
-    if scaler:
-        parts["scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    return TorchState(rng=True, **parts)
-
-
-def _train(state: TorchState, steps: int) -> None:
-    o = state.objects
-    for _ in range(steps):
-        x = torch.randn(8, 4, generator=o["loader"]) * (1 + random.random())
-        y = x.sum(1, keepdim=True) + float(np.random.standard_normal())
-        loss = ((o["model"](x) - y) ** 2).mean()
-        o["optimizer"].zero_grad()
-        if "scaler" in o:
-            o["scaler"].scale(loss).backward()
-            o["scaler"].step(o["optimizer"])
-            o["scaler"].update()
-        else:
-            loss.backward()
-            o["optimizer"].step()
-        if isinstance(o["scheduler"], lr_scheduler.ReduceLROnPlateau):
-            o["scheduler"].step(loss.item())
-        else:
-            o["scheduler"].step()
-
-
-@pytest.mark.parametrize(("opt_name", "sched_name"), PAIRS, ids=["+".join(p) for p in PAIRS])
-def test_resume_continues_bit_exact(tmp_path: Path, opt_name: str, sched_name: str) -> None:
-    """Training on after a restore into fresh objects gives the same bytes as never stopping."""
-    scaler = opt_name == "Adam" and sched_name == "StepLR"
-    store = CheckpointStore(tmp_path / "store")
-    original = _run(opt_name, sched_name, seed=0, scaler=scaler)
-    _train(original, 3)
-    save_state(store, 3, original)
-    _train(original, 4)
-
-    resumed = _run(opt_name, sched_name, seed=100, scaler=scaler)  # other weights and RNG
-    random.seed(7)
-    np.random.seed(7)
-    load_state(store, resumed)
-    _train(resumed, 4)
-
-    expected = tree_to_state(original.state_dict())
-    got = tree_to_state(resumed.state_dict())
-    for part in ("rng", "scheduler"):  # identical, but compare them separately for a clear diff
-        assert_tree_same(expected.pop(part), got.pop(part))
-    assert_tree_same(expected, got)
-    for a, b in zip(
-        original.objects["model"].parameters(), resumed.objects["model"].parameters(), strict=True
-    ):
-        assert_same(a, b)
-
-
-def test_a_checkpointer_resumes_a_torchstate(tmp_path: Path) -> None:
-    """TorchState plugs into Checkpointer: a run stopped after 3 epochs and resumed ends the same."""
-
-    def fit(root: Path, epochs: int) -> TorchState:
-        random.seed(0)
-        np.random.seed(0)
-        state = _run("AdamW", "OneCycleLR", seed=0, scaler=False)
-        store = CheckpointStore(root, keep_last=2)
-        ckpt = Checkpointer(store, StoppingPolicy(monitor="loss", patience=50), state)
-        for epoch in range(ckpt.resume(), epochs):
-            _train(state, 1)
-            ckpt.step(epoch, {"loss": 1.0 / (epoch + 1)})
-        return state
-
-    straight = fit(tmp_path / "straight", 6)
-    fit(tmp_path / "stopped", 3)
-    resumed = fit(tmp_path / "stopped", 6)
-    assert_tree_same(tree_to_state(straight.state_dict()), tree_to_state(resumed.state_dict()))
 
 
 def _snapshot(*objects: Any) -> list[bytes]:

@@ -22,7 +22,8 @@ from typing import Any
 
 from ckptkit._errors import StoreFormatError
 from ckptkit._record import CheckpointRecord, FileEntry
-from ckptkit._tree import decode_json_value, encode_json_value
+from ckptkit._tree import encode_json_value
+from ckptkit._tree_read import decode_json_value
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"

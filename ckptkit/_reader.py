@@ -28,7 +28,7 @@ from ckptkit._safetensors_read import (
     reject_constant,
     tensor_from_bytes,
 )
-from ckptkit._tree import unflatten_state
+from ckptkit._tree_read import unflatten_state
 
 STATE_FORMAT_VERSION = 1
 

@@ -48,7 +48,8 @@ from ckptkit._record import CheckpointRecord
 from ckptkit._retention import RetentionPlan, RetentionPolicy
 from ckptkit._store_lock import LOCK_NAME, StoreLocking
 from ckptkit._store_read import Checkpoint, FallbackWarning, StepSelector
-from ckptkit._tree import decode_json_value, encode_json_value, flatten_for_store
+from ckptkit._tree import encode_json_value, flatten_for_store
+from ckptkit._tree_read import decode_json_value
 from ckptkit._validate import check_metrics, check_step
 
 __all__ = ["LOCK_NAME", "Checkpoint", "CheckpointStore", "FallbackWarning", "StepSelector"]

@@ -41,23 +41,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from collections.abc import Mapping
 from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 
-from ckptkit._errors import CorruptCheckpointError, UnsupportedStateError
+from ckptkit._errors import UnsupportedStateError
 from ckptkit._frameworks import leaf_hint
-from ckptkit._safetensors import dtype_code, numpy_dtype, supported_dtype_names
+from ckptkit._safetensors import dtype_code, supported_dtype_names
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
 
-_Path: TypeAlias = tuple[str | int, ...]
+TreePath: TypeAlias = tuple[str | int, ...]
 _BIG_INT_BITS = 2000
-_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
-_INT_CODES = frozenset({"U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
+INT_CODES = frozenset({"U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
 _TOO_DEEP = "{what} is nested too deeply for Python's recursion limit; flatten its structure"
 _SUPPORTED = (
     "dicts with str keys, lists, tuples, numpy arrays and scalars, None, bool, int, float, str"
@@ -102,7 +100,7 @@ class ArrayAlias(dict[str, Any]):
         self.target = target
 
 
-def _render(root: str, path: _Path) -> str:
+def render(root: str, path: TreePath) -> str:
     parts = (json.dumps(p, ensure_ascii=False) if isinstance(p, str) else str(p) for p in path)
     return root + "".join(f"[{part}]" for part in parts)
 
@@ -146,12 +144,12 @@ class _Encoder:
         self._active: set[int] = set()  # containers on the current path, to catch cycles
         self._names_by_id: dict[int, str] = {}  # each array object's first tensor name
         self._alias_names: set[str] = set()
-        self.aliases: list[tuple[str, np.ndarray, _Path]] = []  # name, target, where
+        self.aliases: list[tuple[str, np.ndarray, TreePath]] = []  # name, target, where
 
-    def _unsupported(self, path: _Path, problem: str) -> UnsupportedStateError:
-        return UnsupportedStateError(f"{_render(self._root, path)}: {problem}")
+    def _unsupported(self, path: TreePath, problem: str) -> UnsupportedStateError:
+        return UnsupportedStateError(f"{render(self._root, path)}: {problem}")
 
-    def encode(self, value: object, path: _Path) -> JSONValue:
+    def encode(self, value: object, path: TreePath) -> JSONValue:
         kind = type(value)
         if value is None or kind is bool or kind is str:
             return value  # type: ignore[return-value]  # narrowed by the checks above
@@ -178,7 +176,7 @@ class _Encoder:
                 self._active.discard(id(value))
         raise self._unsupported(path, f"unsupported type {kind.__name__}; {_type_hint(value)}")
 
-    def _container(self, value: object, path: _Path) -> JSONValue:
+    def _container(self, value: object, path: TreePath) -> JSONValue:
         if isinstance(value, ArrayAlias):
             if self._arrays is None:
                 raise self._unsupported(
@@ -203,7 +201,7 @@ class _Encoder:
             out["$" + key if key.startswith("$") else key] = self.encode(item, (*path, key))
         return out
 
-    def _scalar(self, value: np.generic, path: _Path) -> JSONValue:
+    def _scalar(self, value: np.generic, path: TreePath) -> JSONValue:
         code = dtype_code(value.dtype)
         if code is None:
             raise self._unsupported(
@@ -212,7 +210,7 @@ class _Encoder:
             )
         if code == "BOOL":
             return {"$scalar": [code, bool(value)]}
-        if code in _INT_CODES:
+        if code in INT_CODES:
             return {"$scalar": [code, int(value)]}
         if code != "C64":
             number = float(value)  # every float code embeds exactly in a float64
@@ -221,7 +219,7 @@ class _Encoder:
         raw = np.asarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
         return {"$scalar": [code, raw.hex()]}
 
-    def _array(self, value: np.ndarray, path: _Path) -> JSONValue:
+    def _array(self, value: np.ndarray, path: TreePath) -> JSONValue:
         if self._arrays is None:
             raise self._unsupported(
                 path, f"numpy arrays cannot be stored in {self._root}; convert with arr.tolist()"
@@ -236,7 +234,7 @@ class _Encoder:
         self._names_by_id.setdefault(id(value), name)
         return {"$array": name}
 
-    def _free_name(self, path: _Path) -> str:
+    def _free_name(self, path: TreePath) -> str:
         """The tensor name of ``path``: its keys joined with ``.``, with ``#n`` if already taken."""
         assert self._arrays is not None
         # Keys may hold lone surrogates, which no UTF-8 header can carry; escape them.
@@ -265,101 +263,6 @@ class _Encoder:
                 )
             out[name] = tensor
         return out
-
-
-class _Decoder:
-    def __init__(self, source: str, root: str, arrays: Mapping[str, np.ndarray] | None) -> None:
-        self._source = source
-        self._root = root
-        self._arrays = arrays
-        self.used: set[str] = set()
-
-    def _corrupt(self, path: _Path, problem: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"{self._source}: {_render(self._root, path)}: {problem}; the saved state is "
-            "damaged or was edited by hand: restore it or load another checkpoint"
-        )
-
-    def decode(self, data: object, path: _Path) -> object:
-        if data is None or type(data) in (bool, int, float, str):
-            return data
-        if type(data) is list:
-            return [self.decode(item, (*path, i)) for i, item in enumerate(data)]
-        if type(data) is not dict:
-            raise self._corrupt(path, f"unexpected JSON value of type {type(data).__name__}")
-        keys = list(data)
-        if len(keys) == 1 and keys[0].startswith("$") and not keys[0].startswith("$$"):
-            return self._tag(keys[0], data[keys[0]], path)
-        out: dict[str, object] = {}
-        for key, item in data.items():
-            if key.startswith("$") and not key.startswith("$$"):
-                raise self._corrupt(path, f"key {key!r} is neither a tag nor an escaped key")
-            key = key[1:] if key.startswith("$") else key
-            out[key] = self.decode(item, (*path, key))
-        return out
-
-    def _tag(self, tag: str, body: object, path: _Path) -> object:
-        if tag == "$tuple" and type(body) is list:
-            return tuple(self.decode(item, (*path, i)) for i, item in enumerate(body))
-        if tag == "$float" and isinstance(body, str) and len(body) == 16 and _is_hex(body):
-            return float(struct.unpack(">d", bytes.fromhex(body))[0])
-        if tag == "$int" and isinstance(body, str) and _HEX_INT.fullmatch(body):
-            return int(body, 16)
-        if tag == "$scalar" and type(body) is list and len(body) == 2:
-            return self._scalar(body[0], body[1], path)
-        if tag == "$array" and isinstance(body, str):
-            return self._array(body, path)
-        shown = repr(body) if len(repr(body)) <= 60 else repr(body)[:57] + "..."
-        raise self._corrupt(path, f"malformed tag {tag!r} with value {shown}")
-
-    def _scalar(self, code: object, value: object, path: _Path) -> np.generic:
-        dtype = _numpy_dtype_or_none(code)
-        if dtype is None:
-            raise self._corrupt(path, f"unknown numpy scalar dtype {code!r}")
-        if isinstance(value, str) and code not in _INT_CODES and code != "BOOL":
-            if len(value) == 2 * dtype.itemsize and _is_hex(value):
-                little = np.frombuffer(bytes.fromhex(value), dtype=dtype.newbyteorder("<"))
-                return little.astype(dtype)[0]  # type: ignore[no-any-return]
-            ok = False
-        elif code == "BOOL":
-            ok = type(value) is bool
-        elif code in _INT_CODES:
-            info = np.iinfo(dtype.name)
-            ok = type(value) is int and info.min <= value <= info.max
-        else:
-            ok = type(value) is float and code != "C64"
-        if not ok:
-            raise self._corrupt(path, f"malformed {code} scalar value {value!r}")
-        with np.errstate(over="ignore"):
-            scalar: np.generic = dtype.type(value)
-        if type(value) is float and float(scalar) != value:
-            # The writer writes a float scalar as the exact value it holds.
-            raise self._corrupt(path, f"{code} scalar value {value!r} is not a {code} value")
-        return scalar
-
-    def _array(self, name: str, path: _Path) -> np.ndarray:
-        if self._arrays is None:
-            raise self._corrupt(path, "an array reference where arrays are not allowed")
-        if name in self.used:
-            raise self._corrupt(path, f"tensor {name!r} is referenced a second time")
-        if name not in self._arrays:
-            raise self._corrupt(path, f"refers to tensor {name!r}, which the arrays file lacks")
-        self.used.add(name)
-        return self._arrays[name]
-
-
-def _is_hex(text: str) -> bool:
-    return bool(text) and all(c in "0123456789abcdef" for c in text)
-
-
-def _numpy_dtype_or_none(code: object) -> np.dtype[np.generic] | None:
-    # numpy_dtype raises UnsupportedStateError (missing ml_dtypes) through this on purpose.
-    if not isinstance(code, str):
-        return None
-    try:
-        return numpy_dtype(code)
-    except KeyError:
-        return None
 
 
 class FlatState(NamedTuple):
@@ -443,46 +346,6 @@ def flatten_state(state: object) -> tuple[JSONValue, dict[str, np.ndarray]]:
     return skeleton, arrays
 
 
-def unflatten_state(
-    skeleton: JSONValue, arrays: Mapping[str, np.ndarray], *, source: str = "state"
-) -> object:
-    """Rebuild the state tree from a skeleton and its arrays; the inverse of :func:`flatten_state`.
-
-    The arrays are placed in the tree as given (no copy), so views of a parsed file stay views.
-
-    Args:
-        skeleton: the decoded ``state.json``.
-        arrays: tensor name -> array, e.g. from :func:`parse_safetensors`.
-        source: how to name the checkpoint in error messages (usually its directory).
-
-    Returns:
-        The state tree, equal in types, dtypes, shapes and bits to the one flattened.
-
-    Raises:
-        CorruptCheckpointError: the skeleton is malformed, refers to a missing tensor, refers
-            to one twice, or ``arrays`` holds a tensor the skeleton never refers to.
-        UnsupportedStateError: a bfloat16/float8 scalar needs ``ml_dtypes``, not installed.
-
-    Example:
-        >>> import numpy as np
-        >>> unflatten_state({"w": {"$array": "w"}, "pair": {"$tuple": [1, 2]}}, {"w": np.ones(1)})
-        {'w': array([1.]), 'pair': (1, 2)}
-    """
-    decoder = _Decoder(source, "state", arrays)
-    try:
-        state = decoder.decode(skeleton, ())
-    except RecursionError:
-        raise CorruptCheckpointError(f"{source}: the saved state is nested too deeply") from None
-    unused = sorted(set(arrays) - decoder.used)
-    if unused:
-        raise CorruptCheckpointError(
-            f"{source}: the arrays file holds tensors the state never refers to: "
-            f"{', '.join(map(repr, unused[:5]))}{' ...' if len(unused) > 5 else ''}; "
-            "state.json and the arrays file do not belong together: load another checkpoint"
-        )
-    return state
-
-
 def encode_json_value(value: object, *, what: str) -> JSONValue:
     """Encode a JSON-like value (no arrays) exactly as :func:`flatten_state` would.
 
@@ -506,26 +369,3 @@ def encode_json_value(value: object, *, what: str) -> JSONValue:
         return _Encoder(what, None).encode(value, ())
     except RecursionError:
         raise UnsupportedStateError(_TOO_DEEP.format(what=what)) from None
-
-
-def decode_json_value(data: JSONValue, *, what: str) -> object:
-    """Decode what :func:`encode_json_value` produced.
-
-    Args:
-        data: the parsed JSON.
-        what: how to name the value in error messages.
-
-    Returns:
-        The original value, exactly.
-
-    Raises:
-        CorruptCheckpointError: ``data`` is not a valid encoding (or refers to an array).
-
-    Example:
-        >>> decode_json_value({"pair": {"$tuple": [1, 2]}}, what="metadata")
-        {'pair': (1, 2)}
-    """
-    try:
-        return _Decoder(what, what, None).decode(data, ())
-    except RecursionError:
-        raise CorruptCheckpointError(f"{what}: nested too deeply to decode") from None

@@ -21,12 +21,11 @@ from ckptkit._safetensors import write_safetensors
 from ckptkit._safetensors_read import parse_safetensors
 from ckptkit._tree import (
     ArrayAlias,
-    decode_json_value,
     encode_json_value,
     flatten_for_store,
     flatten_state,
-    unflatten_state,
 )
+from ckptkit._tree_read import decode_json_value, unflatten_state
 from tests.strategies import DTYPE_CODES, assert_same_state, numpy_scalars, state_trees
 
 

@@ -26,7 +26,8 @@ from ckptkit import (  # noqa: E402 (after the importorskip)
     CorruptCheckpointError,
     UnsupportedStateError,
 )
-from ckptkit._tree import flatten_state, unflatten_state  # noqa: E402
+from ckptkit._tree import flatten_state  # noqa: E402
+from ckptkit._tree_read import unflatten_state  # noqa: E402
 from ckptkit.adapters._torch_convert import DTYPES  # noqa: E402
 from ckptkit.adapters.torch import (  # noqa: E402
     RngStateWarning,

@@ -13,7 +13,7 @@ from ckptkit._errors import (
     CorruptCheckpointError,
     MissingMetricError,
 )
-from ckptkit._frameworks import adapter_hint, framework_of, part_name, uses_framework_state_dict
+from ckptkit._frameworks import part_name, refuse_framework_objects
 from ckptkit._policy import Decision, StoppingPolicy
 from ckptkit._preemption import PreemptionGuard
 from ckptkit._record import CheckpointRecord
@@ -98,11 +98,11 @@ class Checkpointer:
         if save_best_only and policy is None:
             raise ValueError("save_best_only=True needs a policy to say what an improvement is")
         if isinstance(state, Mapping):
-            _refuse_framework_objects(dict(state), where="state")
+            refuse_framework_objects(dict(state), where="state")
             for name, obj in state.items():
                 _check_stateful(obj, f"state[{name!r}]")
         else:
-            _refuse_framework_objects({part_name(state): state}, where=None)
+            refuse_framework_objects({part_name(state): state}, where=None)
             _check_stateful(state, "state")
         if policy is not None and store.monitor == policy.monitor and store.mode != policy.mode:
             raise ValueError(
@@ -401,27 +401,3 @@ def _check_stateful(obj: object, where: str) -> None:
             f"{where} is a {type(obj).__name__}, which has no state_dict()/load_state_dict(); "
             "wrap it in an object that has both"
         )
-
-
-def _refuse_framework_objects(parts: dict[str, object], *, where: str | None) -> None:
-    """Refuse a framework's model, optimizer... given directly, naming the adapter to wrap it in.
-
-    Their state dicts hold framework tensors, which the core cannot save: without this, the
-    first save would fail deep inside with "unsupported type Tensor".
-    """
-    found = {
-        name: obj
-        for name, obj in parts.items()
-        if framework_of(obj) is not None
-        and (uses_framework_state_dict(obj) or not callable(getattr(obj, "state_dict", None)))
-    }
-    if not found:
-        return
-    name, obj = next(iter(found.items()))
-    what = "state" if where is None else f"{where}[{name!r}]"
-    framework = "PyTorch" if framework_of(obj) == "torch" else "Keras/TensorFlow"
-    raise TypeError(
-        f"{what} is a {framework} {type(obj).__name__}, which the core cannot save directly "
-        f"(its state holds framework tensors); {adapter_hint(found if where else parts)}, and "
-        "pass that to the Checkpointer"
-    )

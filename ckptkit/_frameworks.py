@@ -83,3 +83,27 @@ def leaf_hint(value: object) -> str | None:
             "for a Checkpointer, state_to_tree(obj) for store.save)"
         )
     return None
+
+
+def refuse_framework_objects(parts: dict[str, object], *, where: str | None) -> None:
+    """Refuse a framework's model, optimizer... given directly, naming the adapter to wrap it in.
+
+    Their state dicts hold framework tensors, which the core cannot save: without this, the
+    first save would fail deep inside with "unsupported type Tensor".
+    """
+    found = {
+        name: obj
+        for name, obj in parts.items()
+        if framework_of(obj) is not None
+        and (uses_framework_state_dict(obj) or not callable(getattr(obj, "state_dict", None)))
+    }
+    if not found:
+        return
+    name, obj = next(iter(found.items()))
+    what = "state" if where is None else f"{where}[{name!r}]"
+    framework = "PyTorch" if framework_of(obj) == "torch" else "Keras/TensorFlow"
+    raise TypeError(
+        f"{what} is a {framework} {type(obj).__name__}, which the core cannot save directly "
+        f"(its state holds framework tensors); {adapter_hint(found if where else parts)}, and "
+        "pass that to the Checkpointer"
+    )

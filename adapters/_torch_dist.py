@@ -65,7 +65,7 @@ class DistributedCheckpointer:
         state: an object with ``state_dict()``/``load_state_dict()``, or a dict of them.
         group: the process group; None for the default (world) group.
         save_every: save every this many steps (as :class:`~ckptkit.Checkpointer`).
-        save_best_only: save only improvements (as :class:`~ckptkit.Checkpointer`).
+        save_best_only: save only new bests (as :class:`~ckptkit.Checkpointer`).
 
     Raises:
         DistributedCheckpointError: torch.distributed is not initialized, or this process is
@@ -80,6 +80,7 @@ class DistributedCheckpointer:
         ...     if ckpt.step(epoch, {"val_loss": evaluate()}).should_stop:
         ...         break  # on every rank at the same epoch
         >>> ckpt.restore_best()
+        >>> dist.destroy_process_group()  # before exiting: gloo aborts if the interpreter does it
     """
 
     def __init__(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,31 +66,46 @@ def launch(*args: str, world: int = 2) -> list[dict[str, Any]]:
         for rank in range(world)
     ]
     deadline = time.monotonic() + TIMEOUT
-    results = []
+    outputs: list[tuple[str, str]] = []
     try:
         for rank, proc in enumerate(procs):
             try:
-                out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                outputs.append(proc.communicate(timeout=max(0.1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 pytest.fail(f"rank {rank} did not finish within {TIMEOUT} s: a hang")
-            lines = out.strip().splitlines()
-            assert lines, f"rank {rank} printed nothing (exit {proc.returncode}):\n{err}"
-            result = json.loads(lines[-1])
-            result["returncode"] = proc.returncode
-            result["stderr"] = err
-            results.append(result)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    report = describe(procs, outputs)
+    results = []
+    for rank, (out, _) in enumerate(outputs):
+        lines = out.strip().splitlines()
+        assert lines, f"rank {rank} printed no result\n{report}"
+        result = json.loads(lines[-1])
+        result["returncode"] = procs[rank].returncode
+        result["report"] = report
+        results.append(result)
     return results
+
+
+def describe(procs: list[subprocess.Popen[str]], outputs: list[tuple[str, str]]) -> str:
+    """Every rank's exit status (a signal by name) and whole stderr, for a failure message."""
+    parts = []
+    for rank, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
+        code = proc.returncode
+        status = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        parts.append(f"--- rank {rank}: {status}; stderr:\n{err.rstrip() or '(empty)'}")
+    return "\n".join(parts)
 
 
 def ok(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Check every rank exited 0 without an error and return the results."""
     for r in results:
-        assert r["returncode"] == 0 and "error" not in r, r
+        assert r["returncode"] == 0 and "error" not in r, (
+            f"rank {r['rank']} failed: {r.get('error')}: {r.get('message')}\n{r['report']}"
+        )
     return results
 
 
@@ -168,3 +184,17 @@ def test_without_a_process_group_it_says_what_to_call(tmp_path: Path) -> None:
             StoppingPolicy(monitor="val_loss"),
             TorchState(model=model),
         )
+
+
+def test_a_failed_rank_is_reported_with_its_signal_and_whole_stderr() -> None:
+    """The failure message names a signal by name and shows every rank's whole stderr."""
+    code = "import os, sys; sys.stderr.write('line 1\\nline 2\\n'); sys.stderr.flush(); os.abort()"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", c], stderr=subprocess.PIPE, text=True)
+        for c in (code, "pass")
+    ]
+    outputs = [("", proc.communicate()[1]) for proc in procs]
+    assert describe(procs, outputs) == (
+        "--- rank 0: killed by SIGABRT; stderr:\nline 1\nline 2\n"
+        "--- rank 1: exit status 0; stderr:\n(empty)"
+    )

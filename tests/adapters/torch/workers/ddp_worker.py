@@ -12,6 +12,7 @@ Arguments: ``ROOT [--epochs N] [--no-restore] [--fail-save-at STEP] [--final-sav
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -134,6 +135,13 @@ def main() -> int:
         # (SIGABRT) at random: leave without it, keeping the exit code the test checks.
         sys.stderr.flush()
         os._exit(code)
+    # Tear the group down before the interpreter does: a gloo worker thread frees each
+    # finished collective's tensors itself, and one that does so while the interpreter is
+    # finalizing cannot take the GIL and aborts the process (SIGABRT) after its work is done.
+    # destroy_process_group joins those threads; nothing may still hold the group then, and no
+    # rank may still have a collective in flight with this one.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     return code
 

@@ -1,7 +1,8 @@
-"""Durable file primitives: the only code in ckptkit that writes, renames, fsyncs or deletes.
+"""Durable file primitives of the local store: creating, fsyncing and deleting files safely.
 
-Every helper here states the hazard it guards against. The store composes them in the order
-of its commit protocol (see ``_store.py``).
+Every helper here states the hazard it guards against. ``LocalStorage`` (``_storage_local.py``)
+composes them in the order of the commit protocol. The checksum functions are shared by every
+storage backend.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import errno
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import xxhash
 
@@ -29,10 +30,10 @@ CHECKSUM_ALGORITHM = "xxh3_128"
 
 # os.write may write fewer bytes than asked (signals, pipes, some file systems), and a single
 # call is capped near 2 GiB on Linux: always loop.
-_MAX_WRITE = 1 << 30
+MAX_WRITE = 1 << 30
 #: Bytes per read or write call: small enough for a progress bar to move, large enough to cost
 #: nothing (16 calls per GiB).
-_CHUNK = 64 << 20
+CHUNK = 64 << 20
 _HASHED_CHUNK = 4 << 20
 
 
@@ -75,74 +76,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class HashingWriter:
-    """An exclusive-create, unbuffered file that hashes and counts every byte it writes.
-
-    Hashing while writing reads each byte once, while it is still in the CPU's caches, instead of
-    reading the whole file back after writing it.
-    """
-
-    def __init__(self, path: Path, *, progress: Callable[[int], Any] | None = None) -> None:
-        self.path = path
-        self.size = 0
-        self._progress = progress
-        self._hash = new_hasher(CHECKSUM_ALGORITHM)
-        # O_EXCL: never write through a name some other process (or an old crash) already holds.
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self._hash.update(view)
-        assert self._fd is not None, "write after close"
-        total = len(view)
-        done = 0
-        try:
-            while done < total:
-                n = os.write(self._fd, view[done : done + _CHUNK])
-                done += n
-                if self._progress is not None:
-                    self._progress(n)
-        except OSError as e:
-            e.filename = e.filename or str(self.path)
-            raise
-        self.size += total
-        return total
-
-    @property
-    def checksum(self) -> str:
-        return f"{CHECKSUM_ALGORITHM}:{self._hash.hexdigest()}"
-
-    def commit(self) -> None:
-        """fsync the file's data and close it; the file is durable when this returns."""
-        assert self._fd is not None, "commit after close"
-        fd, self._fd = self._fd, None
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            e.filename = e.filename or str(self.path)
-            raise
-        finally:
-            os.close(fd)
-
-    def abort(self) -> None:
-        """Close without syncing (after a failure); the caller removes the file."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-
-def write_durable_file(path: Path, data: bytes) -> tuple[int, str]:
-    """Write ``data`` to a new file at ``path`` and fsync it; return (size, checksum)."""
-    writer = HashingWriter(path)
-    try:
-        writer.write(data)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.size, writer.checksum
 
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

@@ -19,21 +19,18 @@ from typing import Any
 import numpy as np
 
 from ckptkit._fsio import (
-    _CHUNK,
     _CLOEXEC,
     _DIRECTORY,
     _HASHED_CHUNK,
-    _MAX_WRITE,
     _NOFOLLOW,
     _NONBLOCK,
     CHECKSUM_ALGORITHM,
+    CHUNK,
+    MAX_WRITE,
     Hasher,
     new_hasher,
 )
-
-
-class UnsafeFileError(ValueError):
-    """A path inside the store is a symlink or not a regular file, so it is not read."""
+from ckptkit._storage import UnsafeFileError
 
 
 def open_directory(path: Path) -> int:
@@ -105,7 +102,7 @@ def _read_exactly(
     view = memoryview(np.empty(size, dtype=np.uint8).data)
     # With a hasher, read in pieces that stay in the CPU's caches and hash each one at once,
     # instead of a second pass over the whole buffer (1 GiB cold: about 0.2 s less).
-    chunk = _HASHED_CHUNK if hasher is not None else _CHUNK
+    chunk = _HASHED_CHUNK if hasher is not None else CHUNK
     got = 0
     while got < size:
         n = os.readv(fd, [view[got : got + chunk]])
@@ -224,7 +221,7 @@ def pread_exactly(fd: int, size: int, offset: int) -> bytearray:
     view = memoryview(buf)
     got = 0
     while got < size:
-        n = os.preadv(fd, [view[got : got + _MAX_WRITE]], offset + got)
+        n = os.preadv(fd, [view[got : got + MAX_WRITE]], offset + got)
         if not n:
             raise ValueError(f"file ended {got} bytes into a {size}-byte read at byte {offset}")
         got += n

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from ckptkit._safetensors import (
     MAX_HEADER_BYTES,
     numpy_dtype,
 )
+
+if TYPE_CHECKING:
+    from ckptkit._storage import RangeReader
 
 
 def _corrupt(source: str, what: str) -> CorruptCheckpointError:
@@ -162,20 +165,22 @@ def _layout(
     return infos, metadata
 
 
-def read_layout(fd: int, file_size: int, *, source: str) -> tuple[list[TensorSlot], int]:
-    """Read and check only the header of the safetensors file open as ``fd``.
+def read_layout(file: RangeReader, *, source: str) -> tuple[list[TensorSlot], int]:
+    """Read and check only the header of a safetensors file open for positioned reads.
 
     Returns the tensor slots (offsets relative to the data area) and where the data area
     starts, so single tensors can be read with positioned reads. Raises as
     :func:`parse_safetensors` does.
     """
+    file_size = file.size
     if file_size < 8:
         raise _corrupt(source, f"truncated: {file_size} bytes, shorter than the 8-byte length")
-    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    (n,) = struct.unpack("<Q", file.read_at(8, 0))
     _check_header_length(n, file_size, source)
-    raw = os.pread(fd, n, 8)
-    if len(raw) != n:
-        raise _corrupt(source, f"file ended inside the {n}-byte header")
+    try:
+        raw = bytes(file.read_at(n, 8))
+    except ValueError:
+        raise _corrupt(source, f"file ended inside the {n}-byte header") from None
     infos, _ = _layout(_decode_header(raw, source), file_size - 8 - n, source)
     return infos, 8 + n
 

@@ -36,7 +36,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ckptkit._fsio import CHECKSUM_ALGORITHM, Hasher, new_hasher
+from ckptkit._fsio import CHECKSUM_ALGORITHM, CHUNK, Hasher, new_hasher
 
 #: Called with the number of bytes just written or read (a progress bar's update).
 Progress = Callable[[int], Any]
@@ -93,11 +93,14 @@ class HashingWriter:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self._hash.update(view)
-        self._sink.write(view)
+        # In pieces, so a progress bar moves during one large tensor.
+        for start in range(0, len(view), CHUNK):
+            piece = view[start : start + CHUNK]
+            self._hash.update(piece)
+            self._sink.write(piece)
+            if self._progress is not None:
+                self._progress(len(piece))
         self.size += len(view)
-        if self._progress is not None:
-            self._progress(len(view))
         return len(view)
 
     @property
@@ -283,4 +286,3 @@ class Storage(abc.ABC):
         change a store object makes; a backend without a lock removes only leftovers old enough
         that no live writer can still be writing them.
         """
-

@@ -1,20 +1,22 @@
-"""CheckpointStore: atomic, verified checkpoints in a directory, with retention.
+"""CheckpointStore: atomic, verified checkpoints with retention, on any storage.
 
-The commit protocol, in the order ``save`` runs it:
+The commit protocol of a save (the medium's side of each stage is in the storage backend,
+``_storage_local.py`` for a directory):
 
-1. Take the store's file lock (exclusive across processes; the kernel drops it if the holder dies).
-2. Write the checkpoint's files into a fresh temporary directory ``root/.ckptkit-tmp-<random>``,
-   hashing every byte as it is written, and fsync each file and the directory.
-3. Rename the directory to its final name ``step_<12 digits>`` and fsync ``root``.
-4. Replace ``manifest.json`` atomically (temporary file, fsync, ``os.replace``, fsync ``root``).
-   This is the commit point: the checkpoint exists from here on, because the manifest is the
-   single source of truth.
-5. Only then delete what retention dropped.
+1. Start a change (``_store_write.py``): on a local disk, take the store's file lock; read the
+   committed manifest.
+2. Write the checkpoint's files under a name no manifest lists, hashing every byte as it is
+   written, and make them durable (locally: a temporary directory, fsynced, renamed to
+   ``step_<12 digits>``).
+3. Commit: replace the manifest with one that lists the new checkpoint, atomically and only if
+   it is still the manifest read in 1 (else read the new one and decide again). This is the
+   commit point: the manifest is the single source of truth.
+4. Only then delete what retention dropped.
 
-A crash before 4 leaves the old manifest, which never lists the new directory; a crash after 4
-leaves the new manifest, whose checkpoints are all complete on disk. What a crash leaves behind
-(a temporary, an unlisted ``step_*`` directory) is swept by the next change to the store (a
-save, pin, unpin or prune), under the lock; opening or reading a store changes nothing.
+A crash before 3 leaves the old manifest, which never lists the new files; a crash after 3
+leaves the new manifest, whose checkpoints are all complete. What a crash leaves behind is
+swept by the next change to the store (a save, pin, unpin or prune); opening or reading a store
+changes nothing.
 """
 
 from __future__ import annotations
@@ -25,29 +27,31 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import filelock
 import numpy as np
 
 from ckptkit import _async, _progress
 from ckptkit._async import PendingSave
-from ckptkit._commit import commit_manifest, delete_checkpoints, write_directory
 from ckptkit._errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ReadOnlyStoreError,
     UnsupportedStateError,
 )
+from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode, resolve_mode
 from ckptkit._reader import MAX_STATE_JSON_BYTES, STATE_FORMAT_VERSION
-from ckptkit._record import CheckpointRecord
+from ckptkit._record import CheckpointRecord, FileEntry, TensorInfo
 from ckptkit._retention import RetentionPlan, RetentionPolicy
-from ckptkit._store_lock import LOCK_NAME, StoreLocking
-from ckptkit._store_read import Checkpoint, FallbackWarning, StepSelector
+from ckptkit._safetensors import write_safetensors
+from ckptkit._storage import HashingWriter, Storage
+from ckptkit._storage_local import LOCK_NAME, LocalStorage
+from ckptkit._store_read import Checkpoint, CheckpointReader, FallbackWarning, StepSelector
+from ckptkit._store_write import ManifestWriter
 from ckptkit._tree import encode_json_value, flatten_for_store
 from ckptkit._tree_read import decode_json_value
 from ckptkit._validate import check_metrics, check_step
@@ -72,7 +76,7 @@ class _SaveJob:
     protected: frozenset[int]
 
 
-class CheckpointStore(StoreLocking):
+class CheckpointStore:
     """A directory of committed checkpoints, listed by ``root/manifest.json``.
 
     Every ``save`` is atomic and durable; ``load`` verifies sizes and checksums; retention keeps
@@ -139,20 +143,21 @@ class CheckpointStore(StoreLocking):
             raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
         if progress:
             _progress.require_tqdm()
-        self.root = Path(root)
+        self._storage: Storage = LocalStorage(Path(root))
+        #: The store's directory (a ``Path``).
+        self.root = self._storage.root
         self.read_only = bool(read_only)
-        if self.root.exists() and not self.root.is_dir():
-            raise NotADirectoryError(f"{self.root}: a store's root must be a directory, not a file")
         if not self.read_only:
-            self.root.mkdir(parents=True, exist_ok=True)
-        elif not self.root.exists():
+            self._storage.create()
+        elif not self._storage.exists():
             raise CheckpointNotFoundError(
-                f"{self.root}: no such directory, so no store to read; a read-only store is "
-                "never created: check the path"
+                f"{self._storage.location}: no such directory, so no store to read; a read-only "
+                "store is never created: check the path"
             )
         self.lock_timeout = float(lock_timeout)
         self.progress = bool(progress)
-        self._lock = filelock.FileLock(self.root / LOCK_NAME, timeout=self.lock_timeout)
+        self._reader = CheckpointReader(self._storage, self.retention, progress=self.progress)
+        self._writer = ManifestWriter(self._reader, lock_timeout=self.lock_timeout)
         # A count per step, so protections from different reasons nest.
         self._protected: Counter[int] = Counter()
         self._buffers = _async.BufferPool()
@@ -165,6 +170,120 @@ class CheckpointStore(StoreLocking):
     def __repr__(self) -> str:
         read_only = ", read_only=True" if self.read_only else ""
         return f"CheckpointStore({str(self.root)!r}, {self.retention}{read_only})"
+
+    @property
+    def monitor(self) -> str | None:
+        """The metric that ranks checkpoints (for ``keep_best`` and :meth:`best`), if any."""
+        return self.retention.monitor
+
+    @property
+    def mode(self) -> Mode:
+        """Whether a lower (``"min"``) or higher (``"max"``) ``monitor`` value is better."""
+        return self.retention.mode
+
+    @property
+    def manifest_path(self) -> Path:
+        """The manifest: the list of committed checkpoints, and the store's commit point."""
+        return self.root / MANIFEST_NAME
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def records(self) -> list[CheckpointRecord]:
+        """Every committed checkpoint, sorted by step (read fresh from the manifest)."""
+        return self._reader.records()
+
+    def __contains__(self, step: object) -> bool:
+        return step in self._reader
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def latest(self) -> CheckpointRecord | None:
+        """The checkpoint with the highest step, or None in an empty store."""
+        return self._reader.latest()
+
+    def best(self) -> CheckpointRecord | None:
+        """The best checkpoint by ``monitor`` (ties: the earliest step), or None if none ranks.
+
+        Raises:
+            ValueError: the store was made without a ``monitor``.
+        """
+        return self._reader.best()
+
+    def record(self, step: StepSelector = None) -> CheckpointRecord:
+        """The record of ``step`` (None or "latest": the newest; "best": the best)."""
+        return self._reader.record(step)
+
+    def load(
+        self,
+        step: StepSelector = None,
+        *,
+        verify: bool = True,
+        fallback: bool = False,
+        mmap: bool = False,
+    ) -> Any:
+        """Load a checkpoint's state tree; see :meth:`load_checkpoint`."""
+        return self._reader.load_checkpoint(step, verify=verify, fallback=fallback, mmap=mmap).state
+
+    def load_checkpoint(
+        self,
+        step: StepSelector = None,
+        *,
+        verify: bool = True,
+        fallback: bool = False,
+        mmap: bool = False,
+    ) -> Checkpoint:
+        """Load a checkpoint: its record and its state tree, exactly as saved.
+
+        Safe while other processes save, prune or delete: a checkpoint deleted or replaced
+        while it is read is read again from the new manifest (for an int step that is gone,
+        ``CheckpointNotFoundError``).
+
+        Args:
+            step: an int step, None or "latest" for the newest, "best" for the best by monitor.
+            verify: check every file's checksum against the manifest (sizes are always checked).
+            fallback: if the chosen checkpoint is corrupt, warn (``FallbackWarning``) and try
+                the next older one (for "best": the next best), until one verifies.
+            mmap: return the arrays as read-only views of a memory map of the arrays file
+                instead of a private copy (the page cache holds the only copy).
+
+        Raises:
+            CheckpointNotFoundError: no such step (the message lists the steps there are).
+            CorruptCheckpointError: a file does not match the manifest (and no fallback).
+        """
+        return self._reader.load_checkpoint(step, verify=verify, fallback=fallback, mmap=mmap)
+
+    def read_arrays(
+        self, step: StepSelector = None, keys: Iterable[str] | None = None, *, verify: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Read only some tensors of a checkpoint, without reading the rest of its file.
+
+        Tensor names are the state's key paths joined with ``.`` (``"model.layer.weight"``);
+        :meth:`tensor_info` lists them. The header is checked as strictly as by :meth:`load`,
+        and each tensor costs one positioned read of its own bytes. Checksums cover whole
+        files, so ``verify=True`` hashes the whole file first (streamed, not held in memory).
+
+        Raises:
+            TensorNotFoundError: a key is not a tensor of the checkpoint.
+            CheckpointNotFoundError, CorruptCheckpointError: as for :meth:`load`.
+
+        Example:
+            >>> store.read_arrays("latest", ["model.head.weight"])["model.head.weight"].shape
+            (10, 512)
+        """
+        return self._reader.read_arrays(step, keys, verify=verify)
+
+    def tensor_info(self, step: StepSelector = None) -> dict[str, TensorInfo]:
+        """Name, dtype, shape and size of every tensor of a checkpoint, from its header alone."""
+        return self._reader.tensor_info(step)
+
+    def verify(self, step: StepSelector = None) -> CheckpointRecord:
+        """Check a checkpoint's files against the sizes and checksums in the manifest.
+
+        Raises:
+            CorruptCheckpointError: naming the first file that is missing or differs.
+        """
+        return self._reader.verify(step)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -295,47 +414,100 @@ class CheckpointStore(StoreLocking):
         )
 
     def _commit(self, job: _SaveJob) -> CheckpointRecord:
-        """The commit protocol, under the lock (see the module docstring)."""
+        """The commit protocol (see the module docstring)."""
         step = job.step
         started = time.perf_counter()
-        with self._writing(f"saving step {step}") as records:
-            old = next((r for r in records if r.step == step), None)
-            if old is not None and not job.overwrite:
-                raise CheckpointExistsError(
-                    f"{self.root}: step {step} is already committed ({old.directory}); pass "
-                    "overwrite=True to replace it atomically, or save under another step"
-                )
+        location = self._storage.location
+        with self._writer.change(f"saving step {step}") as change:
+            self._refuse_existing(change.records, job)
             total = sum(a.nbytes for a in job.arrays.values())
             with _progress.bar(self.progress, total, f"saving step {step}") as update:
-                directory, files = write_directory(
-                    self.root, step, job.arrays, job.state_bytes, update, job.header
+                directory, files = self._write_files(job, update)
+            created = time.time()
+
+            def decide(
+                records: list[CheckpointRecord],
+            ) -> tuple[list[CheckpointRecord], tuple[CheckpointRecord, list[CheckpointRecord]]]:
+                old = self._refuse_existing(records, job)
+                record = CheckpointRecord(
+                    step=step,
+                    metrics=job.metrics,
+                    metadata=job.metadata,
+                    created=created,
+                    directory=directory,
+                    files=files,
+                    pinned=old.pinned if old is not None else False,
                 )
-            record = CheckpointRecord(
-                step=step,
-                metrics=job.metrics,
-                metadata=job.metadata,
-                created=time.time(),
-                directory=directory,
-                files=files,
-                pinned=old.pinned if old is not None else False,
-            )
-            candidates = [r for r in records if r.step != step] + [record]
-            plan = self.retention.select(candidates, protected=job.protected)
-            kept = [r for r in candidates if r.step in plan.keep]
-            commit_manifest(self.root, kept, new_directory=directory)
+                candidates = [r for r in records if r.step != step] + [record]
+                plan = self.retention.select(candidates, protected=job.protected)
+                kept = [r for r in candidates if r.step in plan.keep]
+                gone = [r for r in candidates if r.step not in plan.keep]
+                return kept, (record, gone + ([old] if old is not None else []))
+
+            record, gone = change.commit(decide, new_checkpoint=directory)
             logger.info(
                 "%s: committed step %d (%s, %d bytes) in %.3f s",
-                self.root,
+                location,
                 step,
                 directory,
                 sum(f.size for f in files),
                 time.perf_counter() - started,
             )
-            dropped = [r for r in candidates if r.step not in plan.keep]
+            dropped = [r.step for r in gone if r.step != step]
             if dropped:
-                logger.info("%s: retention deletes steps %s", self.root, [r.step for r in dropped])
-            delete_checkpoints(self.root, dropped + ([old] if old is not None else []))
+                logger.info("%s: retention deletes steps %s", location, dropped)
+            self._delete(gone)
         return record
+
+    def _refuse_existing(
+        self, records: list[CheckpointRecord], job: _SaveJob
+    ) -> CheckpointRecord | None:
+        """The committed checkpoint of the job's step, if any; raise unless it may be replaced."""
+        old = next((r for r in records if r.step == job.step), None)
+        if old is not None and not job.overwrite:
+            raise CheckpointExistsError(
+                f"{self._storage.location}: step {job.step} is already committed "
+                f"({old.directory}); pass overwrite=True to replace it atomically, or save under "
+                "another step"
+            )
+        return old
+
+    def _write_files(
+        self, job: _SaveJob, progress: _progress.Update | None
+    ) -> tuple[str, tuple[FileEntry, ...]]:
+        """Write a checkpoint's files under a name no manifest lists; return it and the files.
+
+        On any failure everything written is removed.
+        """
+        writer = self._storage.new_checkpoint(job.step)
+        try:
+            arrays = HashingWriter(writer.create("arrays.safetensors"), progress=progress)
+            try:
+                write_safetensors(arrays, job.arrays, job.header or None)
+                arrays.commit()
+            except BaseException:
+                arrays.abort()
+                raise
+            state = HashingWriter(writer.create("state.json"))
+            try:
+                state.write(job.state_bytes)
+                state.commit()
+            except BaseException:
+                state.abort()
+                raise
+            directory = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        return directory, (
+            FileEntry(name="arrays.safetensors", size=arrays.size, checksum=arrays.checksum),
+            FileEntry(name="state.json", size=state.size, checksum=state.checksum),
+        )
+
+    def _delete(self, records: list[CheckpointRecord]) -> None:
+        """Delete checkpoints the committed manifest no longer lists: their files, then them."""
+        for r in records:
+            self._storage.delete_checkpoint(r.directory, [f.name for f in r.files])
 
     def _check_metadata(self, metadata: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
         if metadata is None:
@@ -362,11 +534,17 @@ class CheckpointStore(StoreLocking):
     def _set_pinned(self, step: int, pinned: bool) -> CheckpointRecord:
         self._refuse_if_read_only(f"{'pin' if pinned else 'unpin'} step {step}")
         self.wait()
-        with self._writing(f"{'pinning' if pinned else 'unpinning'} step {step}") as records:
-            target = self._select(records, check_step(step))
+        step = check_step(step)
+
+        def decide(
+            records: list[CheckpointRecord],
+        ) -> tuple[list[CheckpointRecord], CheckpointRecord]:
+            target = self._reader.select(records, step)
             updated = replace(target, pinned=pinned)
-            commit_manifest(self.root, [updated if r.step == target.step else r for r in records])
-        return updated
+            return [updated if r.step == target.step else r for r in records], updated
+
+        with self._writer.change(f"{'pinning' if pinned else 'unpinning'} step {step}") as change:
+            return change.commit(decide)
 
     def protect(self, step: int) -> None:
         """Keep ``step`` from retention for the life of this store object (not persisted).
@@ -393,17 +571,29 @@ class CheckpointStore(StoreLocking):
             return self.retention.select(self.records(), protected=self._protected)
         self._refuse_if_read_only("prune")
         self.wait()
-        with self._writing("pruning") as records:
+
+        def decide(
+            records: list[CheckpointRecord],
+        ) -> tuple[list[CheckpointRecord], tuple[RetentionPlan, list[CheckpointRecord]]]:
             plan = self.retention.select(records, protected=self._protected)
-            if plan.delete:
-                logger.info("%s: prune deletes steps %s", self.root, sorted(plan.delete))
-                commit_manifest(self.root, [r for r in records if r.step in plan.keep])
-                delete_checkpoints(self.root, [r for r in records if r.step not in plan.keep])
+            gone = [r for r in records if r.step not in plan.keep]
+            return [r for r in records if r.step in plan.keep], (plan, gone)
+
+        with self._writer.change("pruning") as change:
+            plan = self.retention.select(change.records, protected=self._protected)
+            if not plan.delete:
+                return plan
+            plan, gone = change.commit(decide)
+            if gone:
+                logger.info(
+                    "%s: prune deletes steps %s", self._storage.location, [r.step for r in gone]
+                )
+            self._delete(gone)
         return plan
 
     def _refuse_if_read_only(self, action: str) -> None:
         if self.read_only:
             raise ReadOnlyStoreError(
-                f"{self.root}: cannot {action}: the store was opened with read_only=True; open "
+                f"{self._storage.location}: cannot {action}: the store was opened with read_only=True; open "
                 "it as CheckpointStore(root) to change it"
             )

@@ -1,4 +1,4 @@
-"""The read side of ``CheckpointStore``: listing, choosing, loading and verifying checkpoints.
+"""CheckpointReader: how ``CheckpointStore`` lists, chooses, loads and verifies checkpoints.
 
 Reads take no lock. They stay correct while other processes save, prune and delete, because
 files are never changed in place: the manifest is replaced atomically, a checkpoint's files are
@@ -13,18 +13,18 @@ import logging
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from ckptkit import _fsread, _manifest, _progress
+from ckptkit import _manifest, _progress
 from ckptkit._errors import CheckpointNotFoundError, CorruptCheckpointError, StoreFormatError
 from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode
 from ckptkit._reader import read_layout_of, read_state, read_tensors, verify_files
 from ckptkit._record import CheckpointRecord, TensorInfo
 from ckptkit._retention import RetentionPolicy
+from ckptkit._storage import ManifestVersion, Storage
 from ckptkit._validate import check_step
 
 StepSelector = int | Literal["latest", "best"] | None
@@ -57,12 +57,18 @@ class Checkpoint:
     state: Any
 
 
-class StoreReader:
-    """Listing, loading and verifying; ``CheckpointStore`` adds the writing side."""
+class CheckpointReader:
+    """Listing, choosing, loading and verifying the checkpoints of one store's storage.
 
-    root: Path
-    retention: RetentionPolicy
-    progress: bool
+    ``CheckpointStore`` holds one and gives it its public reading methods (their documentation
+    is there); the writing side reads the manifest through it too.
+    """
+
+    def __init__(self, storage: Storage, retention: RetentionPolicy, *, progress: bool) -> None:
+        self.storage = storage
+        self.retention = retention
+        self.progress = progress
+        self.location = storage.location
 
     @property
     def monitor(self) -> str | None:
@@ -72,30 +78,26 @@ class StoreReader:
     def mode(self) -> Mode:
         return self.retention.mode
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / MANIFEST_NAME
-
-    # -- reading ---------------------------------------------------------------------------
+    # -- the manifest --------------------------------------------------------------------------
 
     def records(self) -> list[CheckpointRecord]:
         """Every committed checkpoint, sorted by step (read fresh from the manifest)."""
-        return self._parse_manifest(self._read_manifest())
+        return self.parse_manifest(self.read_manifest())
 
-    def _read_manifest(self) -> bytes | None:
-        """The manifest's bytes (None when there is none), read as untrusted input."""
-        path = self.manifest_path
+    def read_manifest(self) -> ManifestVersion:
+        """The manifest as committed now, read as untrusted input."""
         try:
-            return _fsread.read_capped(path, cap=_manifest.MAX_MANIFEST_BYTES)
-        except FileNotFoundError:
-            return None
+            return self.storage.read_manifest(_manifest.MAX_MANIFEST_BYTES)
         except ValueError as e:  # a link, a special file, or over the cap
             raise StoreFormatError(
-                f"{path}: the manifest {e}; restore manifest.json from a copy"
+                f"{self.storage.describe(MANIFEST_NAME)}: the manifest {e}; restore "
+                "manifest.json from a copy"
             ) from None
 
-    def _parse_manifest(self, data: bytes | None) -> list[CheckpointRecord]:
-        return [] if data is None else _manifest.loads(data, path=str(self.manifest_path))
+    def parse_manifest(self, version: ManifestVersion) -> list[CheckpointRecord]:
+        if version.data is None:
+            return []
+        return _manifest.loads(version.data, path=self.storage.describe(MANIFEST_NAME))
 
     def __contains__(self, step: object) -> bool:
         return any(r.step == step for r in self.records())
@@ -109,17 +111,13 @@ class StoreReader:
         return records[-1] if records else None
 
     def best(self) -> CheckpointRecord | None:
-        """The best checkpoint by ``monitor`` (ties: the earliest step), or None if none ranks.
+        """The best checkpoint by ``monitor`` (ties: the earliest step), or None if none ranks."""
+        return self.best_of(self.records())
 
-        Raises:
-            ValueError: the store was made without a ``monitor``.
-        """
-        return self._best(self.records())
-
-    def _best(self, records: list[CheckpointRecord]) -> CheckpointRecord | None:
+    def best_of(self, records: list[CheckpointRecord]) -> CheckpointRecord | None:
         if self.monitor is None:
             raise ValueError(
-                f"{self.root}: this store has no monitor, so it has no best checkpoint; "
+                f"{self.location}: this store has no monitor, so it has no best checkpoint; "
                 "open it with CheckpointStore(root, monitor=..., mode=...)"
             )
         ranked = self.retention.best(records)
@@ -127,18 +125,7 @@ class StoreReader:
 
     def record(self, step: StepSelector = None) -> CheckpointRecord:
         """The record of ``step`` (None or "latest": the newest; "best": the best)."""
-        return self._select(self.records(), step)
-
-    def load(
-        self,
-        step: StepSelector = None,
-        *,
-        verify: bool = True,
-        fallback: bool = False,
-        mmap: bool = False,
-    ) -> Any:
-        """Load a checkpoint's state tree; see :meth:`load_checkpoint`."""
-        return self.load_checkpoint(step, verify=verify, fallback=fallback, mmap=mmap).state
+        return self.select(self.records(), step)
 
     def load_checkpoint(
         self,
@@ -148,24 +135,7 @@ class StoreReader:
         fallback: bool = False,
         mmap: bool = False,
     ) -> Checkpoint:
-        """Load a checkpoint: its record and its state tree, exactly as saved.
-
-        Safe while other processes save, prune or delete: a checkpoint deleted or replaced
-        while it is read is read again from the new manifest (for an int step that is gone,
-        ``CheckpointNotFoundError``).
-
-        Args:
-            step: an int step, None or "latest" for the newest, "best" for the best by monitor.
-            verify: check every file's checksum against the manifest (sizes are always checked).
-            fallback: if the chosen checkpoint is corrupt, warn (``FallbackWarning``) and try
-                the next older one (for "best": the next best), until one verifies.
-            mmap: return the arrays as read-only views of a memory map of the arrays file
-                instead of a private copy (the page cache holds the only copy).
-
-        Raises:
-            CheckpointNotFoundError: no such step (the message lists the steps there are).
-            CorruptCheckpointError: a file does not match the manifest (and no fallback).
-        """
+        """Load a checkpoint: its record and its state tree, exactly as saved."""
         if not fallback:
             return self._retrying(
                 step,
@@ -174,7 +144,7 @@ class StoreReader:
             )
         for _ in range(_MAX_ATTEMPTS):
             records = self.records()
-            chosen = self._select(records, step)
+            chosen = self.select(records, step)
             try:
                 return self._load_with_fallback(records, chosen, best=step == "best", mmap=mmap)
             except _ChangedWhileReading as e:
@@ -184,32 +154,20 @@ class StoreReader:
     def read_arrays(
         self, step: StepSelector = None, keys: Iterable[str] | None = None, *, verify: bool = False
     ) -> dict[str, np.ndarray]:
-        """Read only some tensors of a checkpoint, without reading the rest of its file.
-
-        Tensor names are the state's key paths joined with ``.`` (``"model.layer.weight"``);
-        :meth:`tensor_info` lists them. The header is checked as strictly as by :meth:`load`,
-        and each tensor costs one positioned read of its own bytes. Checksums cover whole
-        files, so ``verify=True`` hashes the whole file first (streamed, not held in memory).
-
-        Raises:
-            TensorNotFoundError: a key is not a tensor of the checkpoint.
-            CheckpointNotFoundError, CorruptCheckpointError: as for :meth:`load`.
-
-        Example:
-            >>> store.read_arrays("latest", ["model.head.weight"])["model.head.weight"].shape
-            (10, 512)
-        """
+        """Read only some tensors of a checkpoint, without reading the rest of its file."""
         wanted = None if keys is None else ([keys] if isinstance(keys, str) else list(keys))
         return self._retrying(
             step,
             "read",
-            lambda r: self._guard_concurrent(r, read_tensors, self.root, r, wanted, verify=verify),
+            lambda r: self._guard_concurrent(
+                r, read_tensors, self.storage, r, wanted, verify=verify
+            ),
         )
 
     def tensor_info(self, step: StepSelector = None) -> dict[str, TensorInfo]:
         """Name, dtype, shape and size of every tensor of a checkpoint, from its header alone."""
         slots = self._retrying(
-            step, "read", lambda r: self._guard_concurrent(r, read_layout_of, self.root, r)
+            step, "read", lambda r: self._guard_concurrent(r, read_layout_of, self.storage, r)
         )
         return {
             name: TensorInfo(name=name, dtype=code, shape=shape, nbytes=end - begin)
@@ -231,22 +189,18 @@ class StoreReader:
                 errors.append(str(e))
                 nxt = f"trying step {candidates[i + 1].step}" if i + 1 < len(candidates) else ""
                 message = f"skipping corrupt step {record.step}: {e}; {nxt}"
-                logger.warning("%s: %s", self.root, message)
+                logger.warning("%s: %s", self.location, message)
                 warnings.warn(FallbackWarning(message), stacklevel=4)
         raise CorruptCheckpointError(
-            f"{self.root}: no checkpoint verifies among steps {[r.step for r in candidates]}: "
+            f"{self.location}: no checkpoint verifies among steps {[r.step for r in candidates]}: "
             + "; ".join(errors)
         )
 
     def verify(self, step: StepSelector = None) -> CheckpointRecord:
-        """Check a checkpoint's files against the sizes and checksums in the manifest.
-
-        Raises:
-            CorruptCheckpointError: naming the first file that is missing or differs.
-        """
+        """Check a checkpoint's files against the sizes and checksums in the manifest."""
 
         def check(record: CheckpointRecord) -> CheckpointRecord:
-            self._guard_concurrent(record, verify_files, self.root, record)
+            self._guard_concurrent(record, verify_files, self.storage, record)
             return record
 
         return self._retrying(step, "verified", check)
@@ -256,7 +210,7 @@ class StoreReader:
     ) -> _T:
         """Choose the checkpoint from a fresh manifest and read it, again if it changes meanwhile."""
         for _ in range(_MAX_ATTEMPTS):
-            record = self._select(self.records(), step)
+            record = self.select(self.records(), step)
             try:
                 return read(record)
             except _ChangedWhileReading as e:
@@ -265,7 +219,7 @@ class StoreReader:
 
     def _kept_changing(self, step: StepSelector, what: str) -> CheckpointNotFoundError:
         return CheckpointNotFoundError(
-            f"{self.root}: other processes kept replacing the checkpoint chosen by step={step!r} "
+            f"{self.location}: other processes kept replacing the checkpoint chosen by step={step!r} "
             f"while it was {what} ({_MAX_ATTEMPTS} attempts); try again"
         )
 
@@ -273,7 +227,7 @@ class StoreReader:
         size = next((f.size for f in record.files if f.name == "arrays.safetensors"), 0)
         with _progress.bar(self.progress and not mmap, size, f"loading step {record.step}") as up:
             state = self._guard_concurrent(
-                record, read_state, self.root, record, verify=verify, mmap=mmap, progress=up
+                record, read_state, self.storage, record, verify=verify, mmap=mmap, progress=up
             )
         if not verify and self._changed(record):
             # Without checksums, files of the same sizes saved again under the same directory
@@ -298,7 +252,7 @@ class StoreReader:
                 if isinstance(e, CorruptCheckpointError):
                     raise
                 raise CorruptCheckpointError(
-                    f"{e.filename or self.root / record.directory}: listed in the manifest for "
+                    f"{e.filename or self.storage.describe(record.directory)}: listed in the manifest for "
                     f"step {record.step} but missing; load another step, or pass fallback=True "
                     "to load the newest checkpoint that verifies"
                 ) from None
@@ -316,20 +270,20 @@ class StoreReader:
         """After a concurrent change, raise if the int ``step`` asked for is gone."""
         if isinstance(step, int) and step not in self:
             raise CheckpointNotFoundError(
-                f"{self.root}: step {record.step} was deleted by another process (retention or "
+                f"{self.location}: step {record.step} was deleted by another process (retention or "
                 "prune) while it was being read; load another step"
             )
 
-    def _select(self, records: list[CheckpointRecord], step: StepSelector) -> CheckpointRecord:
+    def select(self, records: list[CheckpointRecord], step: StepSelector) -> CheckpointRecord:
         if not records:
-            raise CheckpointNotFoundError(f"{self.root}: the store has no checkpoints yet")
+            raise CheckpointNotFoundError(f"{self.location}: the store has no checkpoints yet")
         if step is None or step == "latest":
             return records[-1]
         if step == "best":
-            best = self._best(records)
+            best = self.best_of(records)
             if best is None:
                 raise CheckpointNotFoundError(
-                    f"{self.root}: no checkpoint has a finite {self.monitor!r} metric, so none is best"
+                    f"{self.location}: no checkpoint has a finite {self.monitor!r} metric, so none is best"
                 )
             return best
         if isinstance(step, str):
@@ -345,5 +299,5 @@ class StoreReader:
             else (", ".join(map(str, steps[:5])) + ", ..., " + ", ".join(map(str, steps[-5:])))
         )
         raise CheckpointNotFoundError(
-            f"{self.root}: no checkpoint for step {step}; the store has steps [{shown}]"
+            f"{self.location}: no checkpoint for step {step}; the store has steps [{shown}]"
         )

@@ -49,22 +49,20 @@ def test_buffers_are_reused_across_saves_of_the_same_shapes(tmp_path: Path) -> N
 
 def test_one_save_in_flight_the_next_waits_for_it(tmp_path: Path, monkeypatch: Any) -> None:
     """A second save_async does not start writing until the first one has committed."""
-    import ckptkit._store as store_module
-
     store = CheckpointStore(tmp_path)
     release = threading.Event()
     order: list[str] = []
-    real = store_module.write_directory
+    real = CheckpointStore._write_files
 
-    def gated(root: Path, step: int, *args: Any) -> Any:
-        order.append(f"start {step}")
-        if step == 0:
+    def gated(self: CheckpointStore, job: Any, *args: Any) -> Any:
+        order.append(f"start {job.step}")
+        if job.step == 0:
             release.wait()
-        result = real(root, step, *args)
-        order.append(f"end {step}")
+        result = real(self, job, *args)
+        order.append(f"end {job.step}")
         return result
 
-    monkeypatch.setattr(store_module, "write_directory", gated)
+    monkeypatch.setattr(CheckpointStore, "_write_files", gated)
     first = store.save_async(0, {"w": np.zeros(3)})
     waiter = threading.Thread(target=lambda: store.save_async(1, {"w": np.ones(3)}))
     waiter.start()
@@ -148,17 +146,15 @@ def test_a_state_that_cannot_be_saved_is_refused_before_returning(tmp_path: Path
 
 def test_result_with_a_timeout_raises_while_in_flight(tmp_path: Path, monkeypatch: Any) -> None:
     """PendingSave.result(timeout) raises TimeoutError while the commit is still running."""
-    import ckptkit._store as store_module
-
     store = CheckpointStore(tmp_path)
     release = threading.Event()
-    real = store_module.write_directory
+    real = CheckpointStore._write_files
 
     def gated(*args: Any) -> Any:
         release.wait()
         return real(*args)
 
-    monkeypatch.setattr(store_module, "write_directory", gated)
+    monkeypatch.setattr(CheckpointStore, "_write_files", gated)
     pending = store.save_async(0, {"w": np.zeros(3)})
     with pytest.raises(TimeoutError, match="step 0 is still in flight"):
         pending.result(timeout=0.01)

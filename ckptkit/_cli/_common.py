@@ -203,7 +203,7 @@ def select(
 ) -> CheckpointRecord:
     """The record STEP names: an int, ``latest`` or ``best`` (by ``ranking``)."""
     if step != "best":
-        return store._select(list(records), step if isinstance(step, int) else "latest")
+        return store._reader.select(list(records), step if isinstance(step, int) else "latest")
     if ranking is None:
         raise CliError(
             "STEP 'best' needs a metric to rank by: pass --monitor NAME (the latest checkpoint "

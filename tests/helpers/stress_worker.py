@@ -258,10 +258,9 @@ def stress(root: str, config: dict[str, Any], role: str, args: list[str]) -> Non
 
 def hold(root: str, config: dict[str, Any]) -> None:
     store = CheckpointStore(root, **config)
-    store._lock.acquire()
-    print("held", flush=True)
-    sys.stdin.read()
-    store._lock.release()
+    with store._storage.lock(store.lock_timeout):
+        print("held", flush=True)
+        sys.stdin.read()
     print("released", flush=True)
 
 

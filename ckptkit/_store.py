@@ -50,6 +50,7 @@ from ckptkit._retention import RetentionPlan, RetentionPolicy
 from ckptkit._safetensors import write_safetensors
 from ckptkit._storage import HashingWriter, Storage
 from ckptkit._storage_local import LOCK_NAME, LocalStorage
+from ckptkit._storage_open import open_storage
 from ckptkit._store_read import Checkpoint, CheckpointReader, FallbackWarning, StepSelector
 from ckptkit._store_write import ManifestWriter
 from ckptkit._tree import encode_json_value, flatten_for_store
@@ -89,7 +90,13 @@ class CheckpointStore:
     process writes, one on read-only media, or one you must not touch.
 
     Args:
-        root: the store's directory, created if missing (unless ``read_only``).
+        root: the store's directory, created if missing (unless ``read_only``), or the URL of
+            an object store: ``s3://bucket/prefix``, ``memory://name`` (in this process only),
+            ``file:///path``.
+        storage_options: for an ``s3://`` root, how to reach it, as s3fs/fsspec take them:
+            ``key``, ``secret``, ``token``, ``client_kwargs={"endpoint_url": ...,
+            "region_name": ...}``; what is absent is read from the environment as the AWS
+            client reads it (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...).
         keep_last: how many of the newest checkpoints to keep.
         keep_best: how many of the best checkpoints by ``monitor`` to keep.
         monitor: the metric that ranks checkpoints for ``keep_best`` and ``best()``.
@@ -116,6 +123,7 @@ class CheckpointStore:
         self,
         root: str | os.PathLike[str],
         *,
+        storage_options: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         keep_best: int | None = None,
         monitor: str | None = None,
@@ -143,9 +151,13 @@ class CheckpointStore:
             raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
         if progress:
             _progress.require_tqdm()
-        self._storage: Storage = LocalStorage(Path(root))
-        #: The store's directory (a ``Path``).
-        self.root = self._storage.root
+        self._storage: Storage = open_storage(root, storage_options)
+        #: The store's directory (a ``Path``), or the URL of an object store.
+        self.root: Path | str = (
+            self._storage.root
+            if isinstance(self._storage, LocalStorage)
+            else self._storage.location
+        )
         self.read_only = bool(read_only)
         if not self.read_only:
             self._storage.create()
@@ -182,9 +194,11 @@ class CheckpointStore:
         return self.retention.mode
 
     @property
-    def manifest_path(self) -> Path:
+    def manifest_path(self) -> Path | str:
         """The manifest: the list of committed checkpoints, and the store's commit point."""
-        return self.root / MANIFEST_NAME
+        if isinstance(self.root, Path):
+            return self.root / MANIFEST_NAME
+        return self._storage.describe(MANIFEST_NAME)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -1,44 +1,36 @@
-"""Fault injection: each file-system call of a save fails in turn; nothing committed is harmed."""
+"""Fault injection: each storage operation of a change fails in turn; nothing committed is harmed.
+
+Faults come through a storage that fails its n-th operation (``tests/helpers/faulty_storage.py``),
+so the same tests hold the commit protocol to account on every backend. What a local disk does
+when it really fills up is in ``test_diskfull.py``.
+"""
 
 from __future__ import annotations
 
 import errno
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from ckptkit import CheckpointStore, StoreWriteError
+from ckptkit._storage_local import LocalStorage
+from tests.helpers.faulty_storage import FaultyStorage
 
-CALLS = ("write", "fsync", "rename", "replace", "mkdir", "open")
-
-
-class Injector:
-    """Wraps os functions; the n-th call (counted over all of them) raises the given error."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: int, err: int) -> None:
-        self.count = 0
-        self.failed: str | None = None
-        self.succeeded: list[str] = []
-        for name in CALLS:
-            monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name), fail_at, err))
-
-    def _wrap(
-        self, name: str, fn: Callable[..., Any], fail_at: int, err: int
-    ) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            self.count += 1
-            if self.count == fail_at:
-                self.failed = name
-                raise OSError(err, f"injected {os.strerror(err)} in os.{name}")
-            result = fn(*args, **kwargs)
-            self.succeeded.append(name)
-            return result
-
-        return wrapped
+#: Every operation a save with retention makes; each must be failed at least once below.
+OPERATIONS = {
+    "new_checkpoint",
+    "create arrays.safetensors",
+    "write arrays.safetensors",
+    "commit arrays.safetensors",
+    "create state.json",
+    "write state.json",
+    "commit state.json",
+    "finish",
+    "commit_manifest",
+    "after commit_manifest",
+    "delete_checkpoint",
+}
 
 
 def fill(store: CheckpointStore) -> None:
@@ -52,70 +44,77 @@ def save_new(store: CheckpointStore) -> None:
     store.save(3, {"w": np.full(1000, 3.0)}, metrics={"loss": 0.1})
 
 
+def leftovers(root: Path, store: CheckpointStore) -> list[str]:
+    """What is in the store's directory besides the manifest, the lock and listed checkpoints."""
+    listed = {r.directory for r in store.records()}
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.name not in listed and p.name not in ("manifest.json", ".ckptkit.lock")
+    )
+
+
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
-def test_each_failing_call_leaves_the_store_as_it_was(tmp_path: Path, err: int) -> None:
-    """For every n, failing the n-th call of a save raises it, keeps old checkpoints, lists nothing new."""
-    counting = CheckpointStore(tmp_path / "count", keep_last=2)
-    fill(counting)
-    with pytest.MonkeyPatch.context() as mp:
-        counter = Injector(mp, 0, err)
-        save_new(counting)
-    total = counter.count
-    assert total > 10
-    covered: set[str] = set()
+def test_each_failing_operation_leaves_the_store_as_it_was(tmp_path: Path, err: int) -> None:
+    """For every n, failing the n-th operation of a save keeps old checkpoints and lists nothing new.
+
+    A failure after the manifest's commit keeps the new checkpoint, listed and whole, and says so.
+    """
+    counting = FaultyStorage(LocalStorage(tmp_path / "count"))
+    counting.create()
+    fill(CheckpointStore(counting, keep_last=2))
+    counting.arm(0)
+    save_new(CheckpointStore(counting, keep_last=2))
+    total = counting.count
+    assert set(counting.done) == OPERATIONS, counting.done
+    failed: set[str] = set()
     for n in range(1, total + 1):
         root = tmp_path / f"{err}-{n}"
-        store = CheckpointStore(root, keep_last=2)
+        faulty = FaultyStorage(LocalStorage(root))
+        faulty.create()
+        store = CheckpointStore(faulty, keep_last=2)
         fill(store)
-        before = store.manifest_path.read_bytes()
+        before = (root / "manifest.json").read_bytes()
         kept_before = [r.step for r in store.records()]
-        with pytest.MonkeyPatch.context() as mp:
-            injector = Injector(mp, n, err)
-            try:
-                save_new(store)
-            except OSError as e:
-                assert e.errno == err and "injected" in str(e)
-                raised = True
-            else:
-                raised = False  # the failing call was retried (the lock's open is)
+        faulty.arm(n, err)
+        with pytest.raises(StoreWriteError) as raised:
+            save_new(store)
+        assert raised.value.errno == err and "injected" in str(raised.value)
+        assert faulty.failed is not None
+        failed.add(faulty.failed)
         reopened = CheckpointStore(root, keep_last=2)
-        if raised:
-            covered.add(injector.failed or "")
-        if not raised or "replace" in injector.succeeded:
-            # Either the save went through, or the failure came after os.replace of the
-            # manifest, the commit point: the new checkpoint is listed and whole.
+        committed = faulty.failed == "after commit_manifest" or faulty.failed == "delete_checkpoint"
+        if committed:
+            # Past the commit point: the new checkpoint is listed and whole, and the message
+            # says the save was committed.
+            assert "saving step 3 was committed" in str(raised.value), raised.value
             assert 3 in reopened and reopened.load(3)["w"][0] == 3.0
         else:
-            assert store.manifest_path.read_bytes() == before, f"call {n} ({injector.failed})"
+            assert "nothing was committed" in str(raised.value), raised.value
+            assert (root / "manifest.json").read_bytes() == before, f"operation {n}"
             assert [r.step for r in reopened.records()] == kept_before
+            # Nothing the failed save wrote stays behind.
+            assert leftovers(root, reopened) == [], f"operation {n} ({faulty.failed})"
         for r in reopened.records():
             assert reopened.load(r.step)["w"][0] == r.step
-        # No temporary space stays behind after the failed call.
-        leftovers = [p.name for p in root.iterdir() if p.name.startswith(".ckptkit-tmp-")]
-        assert leftovers == [], f"call {n} ({injector.failed}) left {leftovers}"
-    assert {"write", "fsync", "rename", "replace", "mkdir", "open"} <= covered, covered
+        # The next change sweeps whatever a failure past the commit point left.
+        reopened.prune()
+        assert leftovers(root, reopened) == [], f"operation {n} ({faulty.failed})"
+    assert failed == OPERATIONS, OPERATIONS - failed
 
 
-def test_failure_while_deleting_retention_victims_keeps_the_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failure_while_deleting_retention_victims_keeps_the_commit(tmp_path: Path) -> None:
     """If deleting a dropped checkpoint fails, the save's commit stands and the next change cleans up."""
-    store = CheckpointStore(tmp_path, keep_last=1)
+    faulty = FaultyStorage(LocalStorage(tmp_path))
+    faulty.create()
+    store = CheckpointStore(faulty, keep_last=1)
     store.save(0, {"w": np.zeros(3)})
-
-    real_unlink = os.unlink
-
-    def failing_unlink(path: Any, *a: Any, **k: Any) -> None:
-        # A victim's files are unlinked relative to its directory's descriptor.
-        if "step_000000000000" in str(path) or k.get("dir_fd") is not None:
-            raise OSError(errno.EIO, "injected EIO in os.unlink")
-        real_unlink(path, *a, **k)
-
-    monkeypatch.setattr(os, "unlink", failing_unlink)
+    # Step 1: start, 2 files x (create, write, commit), finish, commit (twice), then delete.
+    faulty.arm(11)
     with pytest.raises(StoreWriteError, match=r"saving step 1 was committed, but .*injected") as e:
         store.save(1, {"w": np.ones(3)})
+    assert faulty.failed == "delete_checkpoint"
     assert e.value.errno == errno.EIO
-    monkeypatch.setattr(os, "unlink", real_unlink)
     reopened = CheckpointStore(tmp_path, keep_last=1)
     assert [r.step for r in reopened.records()] == [1]
     assert (tmp_path / "step_000000000000").exists()  # opening changes nothing

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from ckptkit._cli._common import (
     USAGE,
@@ -71,7 +72,8 @@ def plot(args: argparse.Namespace) -> int:
     if stop is not None:
         ax.axvline(stop, color="tab:red", ls="--", lw=1, label=f"stopped at step {stop}")
     skipped = len(points) - len(finite)
-    title = f"{metric} in {store.root.name or store.root}"
+    name = store.root.name if isinstance(store.root, Path) else ""
+    title = f"{metric} in {name or store.root}"
     ax.set_title(title + (f" ({skipped} NaN/inf values not drawn)" if skipped else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")

@@ -86,7 +86,7 @@ def run_small(
                 start = time.perf_counter()
                 run[method](i)
                 rows[method].samples.append(time.perf_counter() - start)
-        remove(store.root)
+        remove(Path(store.root))
         remove(reference.root)
         medians = ", ".join(
             f"{m} {1e3 * float(np.median(rows[m].samples[-saves_per_round:])):.1f} ms"

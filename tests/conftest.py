@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -25,3 +26,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.longrepr = (
             f"skipped in a run that forbids skips (CKPTKIT_NO_SKIP=1): {report.longrepr}"
         )
+
+
+@pytest.fixture(params=["local", "memory"])
+def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
+    """A fresh store location on each storage backend (see tests/helpers/backends.py)."""
+    from tests.helpers.backends import LocalBackend, MemoryBackend
+
+    if request.param == "local":
+        return LocalBackend(tmp_path / "store")
+    return MemoryBackend()

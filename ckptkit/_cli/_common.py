@@ -8,6 +8,7 @@ a lock file or sweep a crash's leftovers: looking at a store never changes it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -43,11 +44,59 @@ class CliError(Exception):
         self.code = code
 
 
-def open_store(root: str, *, writable: bool = False, **retention: Any) -> CheckpointStore:
-    """Open the store at ``root``, refusing a path that is not one (and never creating it).
+def storage_option(text: str) -> tuple[str, str]:
+    """argparse type of ``--storage-option KEY=VALUE``."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in _STORAGE_KEYS:
+        raise argparse.ArgumentTypeError(
+            f"invalid --storage-option {text!r}: give KEY=VALUE with KEY one of "
+            f"{', '.join(_STORAGE_KEYS)}"
+        )
+    return key, value
+
+
+#: ``--storage-option`` keys: where each goes in ``storage_options``.
+_STORAGE_KEYS = {
+    "endpoint_url": "client",
+    "region_name": "client",
+    "key": "top",
+    "secret": "top",
+    "token": "top",
+    "anon": "top",
+}
+
+
+def storage_options(pairs: list[tuple[str, str]]) -> dict[str, Any] | None:
+    """``storage_options`` for ``CheckpointStore`` from ``--storage-option`` pairs."""
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for key, value in pairs:
+        if _STORAGE_KEYS[key] == "client":
+            options.setdefault("client_kwargs", {})[key] = value
+        elif key == "anon":
+            options[key] = value.lower() in ("1", "true", "yes")
+        else:
+            options[key] = value
+    return options
+
+
+def open_store(
+    args: argparse.Namespace, *, writable: bool = False, **retention: Any
+) -> CheckpointStore:
+    """Open the store ``args.root`` names, refusing one that is not a store (never creating it).
 
     Read-only unless ``writable``: only ``prune``, ``pin`` and ``unpin`` change a store.
     """
+    root: str = args.root
+    options = storage_options(getattr(args, "storage_option", []))
+    if "://" in root:
+        store = CheckpointStore(root, read_only=not writable, storage_options=options, **retention)
+        if not store.records() and store._reader.read_manifest().data is None:
+            raise CliError(f"{root} is not a ckptkit store (no {MANIFEST_NAME})")
+        return store
+    if options is not None:
+        raise CliError(f"{root}: --storage-option applies to s3:// stores, not to a directory")
     path = Path(root)
     if not path.exists():
         reason = "no such directory"

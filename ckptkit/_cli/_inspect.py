@@ -37,7 +37,7 @@ _WIDTH = 100
 
 
 def ls(args: argparse.Namespace) -> int:
-    store = open_store(args.root)
+    store = open_store(args)
     records = store.records()
     latest = records[-1] if records else None
     policy = policy_state(latest)
@@ -97,7 +97,7 @@ def ls(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
-    store = open_store(args.root)
+    store = open_store(args)
     records = store.records()
     ranking = resolve(args.monitor, args.mode, policy_state(records[-1] if records else None))
     record = select(store, records, args.step, ranking)

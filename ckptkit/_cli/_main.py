@@ -9,7 +9,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 
 from ckptkit._cli import _inspect, _maintain, _plot
-from ckptkit._cli._common import FAILED, USAGE, CliError, count, parse_step
+from ckptkit._cli._common import FAILED, USAGE, CliError, count, parse_step, storage_option
 from ckptkit._errors import CheckpointNotFoundError, CkptkitError
 from ckptkit._version import __version__
 
@@ -30,7 +30,20 @@ exit status:
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", metavar="ROOT", help="the store's directory (it holds manifest.json)")
+    p.add_argument(
+        "root",
+        metavar="ROOT",
+        help="the store's directory (it holds manifest.json), or its URL (s3://bucket/prefix)",
+    )
+    p.add_argument(
+        "--storage-option",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        type=storage_option,
+        help="how to reach an s3:// store, repeatable: endpoint_url, region_name, key, secret, "
+        "token, anon=true (default: the AWS environment variables and config files)",
+    )
 
 
 def _add_json(p: argparse.ArgumentParser, what: str) -> None:

@@ -19,7 +19,7 @@ from ckptkit._errors import CheckpointNotFoundError, CorruptCheckpointError
 
 
 def verify(args: argparse.Namespace) -> int:
-    store = open_store(args.root)
+    store = open_store(args)
     records = store.records()
     ranking = resolve(args.monitor, args.mode, policy_state(records[-1] if records else None))
     chosen = records if args.step is None else [select(store, records, args.step, ranking)]
@@ -60,7 +60,7 @@ def prune(args: argparse.Namespace) -> int:
             "retention option every checkpoint is kept, so there is nothing to prune)",
             USAGE,
         )
-    store = open_store(args.root)
+    store = open_store(args)
     records = store.records()
     ranking = None
     if args.keep_best is not None or args.monitor is not None:
@@ -75,7 +75,7 @@ def prune(args: argparse.Namespace) -> int:
                 f"the metrics there are: {names}"
             )
     store = open_store(
-        args.root,
+        args,
         writable=not args.dry_run,
         keep_last=args.keep_last,
         keep_best=args.keep_best,
@@ -126,7 +126,7 @@ def unpin(args: argparse.Namespace) -> int:
 
 
 def _set_pinned(args: argparse.Namespace, *, pinned: bool) -> int:
-    store = open_store(args.root, writable=True)
+    store = open_store(args, writable=True)
     records = store.records()
     ranking = resolve(args.monitor, args.mode, policy_state(records[-1] if records else None))
     record = select(store, records, args.step, ranking)

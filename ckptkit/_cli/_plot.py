@@ -33,7 +33,7 @@ def plot(args: argparse.Namespace) -> int:
         raise CliError(
             f"ckptkit plot needs matplotlib, which is not installed: {INSTALL_HINT}", USAGE
         ) from e
-    store = open_store(args.root)
+    store = open_store(args)
     records = store.records()
     policy = policy_state(records[-1] if records else None)
     metric = args.metric or (None if policy is None else policy.monitor)

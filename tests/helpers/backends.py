@@ -1,0 +1,72 @@
+"""One store per test on each storage backend, with what tests need to look underneath it."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from ckptkit import CheckpointStore
+from ckptkit._manifest import CHECKPOINT_DIR
+
+
+class Backend:
+    """A fresh, empty store location on one backend."""
+
+    name: str
+    root: str
+    options: dict[str, Any] | None = None
+
+    def store(self, **kwargs: Any) -> CheckpointStore:
+        if self.options is not None:
+            kwargs["storage_options"] = self.options
+        return CheckpointStore(self.root, **kwargs)
+
+    def checkpoint_names(self) -> list[str]:
+        """The checkpoints present on the medium, listed or not."""
+        raise NotImplementedError
+
+    def corrupt(self, directory: str, name: str) -> None:
+        """Flip one byte in the middle of a checkpoint's file, keeping its size."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.root = str(path)
+
+    def checkpoint_names(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if CHECKPOINT_DIR.fullmatch(p.name))
+
+    def corrupt(self, directory: str, name: str) -> None:
+        path = self.path / directory / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+class MemoryBackend(Backend):
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.root = f"memory://test-{secrets.token_hex(6)}"
+
+    def _storage(self) -> Any:
+        return self.store()._storage
+
+    def checkpoint_names(self) -> list[str]:
+        return sorted(self._storage().root.checkpoints)
+
+    def corrupt(self, directory: str, name: str) -> None:
+        files = self._storage().root.checkpoints[directory]
+        data = bytearray(files[name])
+        data[len(data) // 2] ^= 0xFF
+        files[name] = bytes(data)

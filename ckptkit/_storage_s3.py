@@ -189,15 +189,17 @@ class _S3Sink:
 
     def write(self, data: memoryview, /) -> None:
         view = memoryview(data).cast("B")
+        if view and not self._buf:
+            raise ValueError(f"{self._url}: write after commit or abort")
         while view:
             n = min(len(view), len(self._buf) - self._filled)
             self._buf[self._filled : self._filled + n] = view[:n]
             self._filled += n
             view = view[n:]
             if self._filled == len(self._buf):
-                self._send_part()
+                self._send_part(last=False)
 
-    def _send_part(self) -> None:
+    def _send_part(self, *, last: bool) -> None:
         number = len(self._parts) + 1
         if number > _MAX_PARTS:
             raise OSError(
@@ -218,7 +220,8 @@ class _S3Sink:
         future = self._pool.submit(self._upload_part, number, data)
         future.add_done_callback(lambda _: self._slots.release())
         self._parts.append(future)
-        self._buf = bytearray(self._s.part_size * (1 + len(self._parts) // _PARTS_PER_SIZE))
+        size = self._s.part_size * (1 + len(self._parts) // _PARTS_PER_SIZE)
+        self._buf = bytearray(0 if last else size)
         self._filled = 0
 
     def _upload_part(self, number: int, data: bytearray) -> str:
@@ -251,7 +254,7 @@ class _S3Sink:
                 )
             else:
                 if self._filled:
-                    self._send_part()
+                    self._send_part(last=True)
                 parts = [
                     {"PartNumber": i, "ETag": f.result()} for i, f in enumerate(self._parts, 1)
                 ]

@@ -129,7 +129,7 @@ def test_manifest_over_the_cap_is_refused(make_storage):
 
 def test_files_round_trip_with_their_checksums(make_storage):
     """What a writer commits reads back bit-exactly through read, map, open and checksum."""
-    files = {"arrays.safetensors": _random(100_000), "state.json": b'{"a": 1}'}
+    files = {"arrays.safetensors": _random(100_000), "state.json": b'{"a": 1}', "empty": b""}
     name, sums = _write(make_storage(), 3, files)
     with make_storage().open_checkpoint(name) as reader:
         for file, data in files.items():

@@ -28,11 +28,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         )
 
 
-@pytest.fixture(params=["local", "memory"])
+#: moto's S3 server (session-scoped, on 127.0.0.1) and a fresh bucket per test.
+pytest_plugins = ["tests.helpers.s3server"]
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
     """A fresh store location on each storage backend (see tests/helpers/backends.py)."""
-    from tests.helpers.backends import LocalBackend, MemoryBackend
+    from tests.helpers.backends import LocalBackend, MemoryBackend, S3Backend
 
     if request.param == "local":
         return LocalBackend(tmp_path / "store")
+    if request.param == "s3":
+        return S3Backend(request.getfixturevalue("s3_bucket"))
     return MemoryBackend()

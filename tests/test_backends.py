@@ -17,7 +17,6 @@ import pytest
 from ckptkit import (
     CheckpointExistsError,
     CheckpointNotFoundError,
-    CheckpointStore,
     CorruptCheckpointError,
     FallbackWarning,
     ReadOnlyStoreError,

@@ -21,11 +21,7 @@ from ckptkit._fsio import new_hasher
 from ckptkit._storage import HashingWriter, ManifestConflict, ManifestVersion, Storage
 from ckptkit._storage_memory import MemoryStorage
 from ckptkit._storage_s3 import MIN_PART_SIZE, S3Storage
-from tests.helpers import s3server
-
-s3_endpoint = s3server.s3_endpoint
-s3_bucket = s3server.s3_bucket
-S3Bucket = s3server.S3Bucket
+from tests.helpers.s3server import S3Bucket
 
 PART = MIN_PART_SIZE  # the smallest part S3 (and moto) accepts, so multipart tests stay small
 

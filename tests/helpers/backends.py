@@ -70,3 +70,29 @@ class MemoryBackend(Backend):
         data = bytearray(files[name])
         data[len(data) // 2] ^= 0xFF
         files[name] = bytes(data)
+
+
+class S3Backend(Backend):
+    name = "s3"
+
+    def __init__(self, bucket: Any) -> None:
+        self.bucket = bucket
+        self.root = bucket.url("store")
+        self.options = bucket.options
+
+    def checkpoint_names(self) -> list[str]:
+        names = set()
+        pages = self.bucket.client.get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=self.bucket.name, Prefix="store/"):
+            for item in page.get("Contents", []):
+                first = item["Key"].removeprefix("store/").split("/")[0]
+                if CHECKPOINT_DIR.fullmatch(first):
+                    names.add(first)
+        return sorted(names)
+
+    def corrupt(self, directory: str, name: str) -> None:
+        key = f"store/{directory}/{name}"
+        client = self.bucket.client
+        data = bytearray(client.get_object(Bucket=self.bucket.name, Key=key)["Body"].read())
+        data[len(data) // 2] ^= 0xFF
+        client.put_object(Bucket=self.bucket.name, Key=key, Body=bytes(data))

@@ -195,3 +195,23 @@ def test_two_writers_of_one_step_never_both_commit(backend: Backend) -> None:
     store = backend.store()
     assert store.load(9)["v"][0] == winner
     assert backend.checkpoint_names() == [store.record(9).directory]
+
+
+def test_the_how_to_example_runs_against_an_s3_server(
+    s3_bucket: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/how-to/object-stores.md's first example, with the server given by the environment."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs/how-to/object-stores.md").read_text()
+    source = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "s3://my-bucket/runs/exp1" in source
+    s3_bucket.client.create_bucket(Bucket="my-bucket")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    exec(compile(source, "object-stores.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "[0. 0. 0. 0.]"
+    listed = s3_bucket.client.list_objects_v2(Bucket="my-bucket", Prefix="runs/exp1/")
+    assert "runs/exp1/manifest.json" in [item["Key"] for item in listed["Contents"]]

@@ -209,7 +209,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def exists(self) -> bool:
-        """Whether the store's root exists (an object store's prefix always does)."""
+        """Whether the store can be opened for reading (a directory; an object store's bucket)."""
 
     @abc.abstractmethod
     def create(self) -> None:
@@ -245,10 +245,12 @@ class Storage(abc.ABC):
     ) -> None:
         """Replace the manifest with ``data`` if it is still ``expected``: the commit point.
 
-        On a failure that leaves the old manifest in place (but :class:`ManifestConflict`),
-        ``new_checkpoint`` (the checkpoint this commit would have listed) is deleted. Past the
-        commit point nothing is rolled back: a later failure (a directory fsync) propagates,
-        and the new manifest stands.
+        On a failure known to leave the old manifest in place (but :class:`ManifestConflict`),
+        ``new_checkpoint`` (the checkpoint this commit would have listed) is deleted. When the
+        outcome cannot be known (an object store's answer lost, and the manifest read back
+        does not show the commit), it is left for the sweep: deleting files a commit that still
+        lands would list is worse than leaking them. Past the commit point nothing is rolled
+        back: a later failure (a directory fsync) propagates, and the new manifest stands.
 
         Raises:
             ManifestConflict: another writer committed since ``expected`` was read.

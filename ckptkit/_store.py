@@ -163,8 +163,8 @@ class CheckpointStore:
             self._storage.create()
         elif not self._storage.exists():
             raise CheckpointNotFoundError(
-                f"{self._storage.location}: no such directory, so no store to read; a read-only "
-                "store is never created: check the path"
+                f"{self._storage.location}: no such directory (or bucket), so no store to read; "
+                "a read-only store is never created: check the path"
             )
         self.lock_timeout = float(lock_timeout)
         self.progress = bool(progress)

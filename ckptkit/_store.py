@@ -21,14 +21,12 @@ changes nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,44 +35,25 @@ import numpy as np
 from ckptkit import _async, _progress
 from ckptkit._async import PendingSave
 from ckptkit._errors import (
-    CheckpointExistsError,
     CheckpointNotFoundError,
     ReadOnlyStoreError,
-    UnsupportedStateError,
 )
 from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode, resolve_mode
-from ckptkit._reader import MAX_STATE_JSON_BYTES, STATE_FORMAT_VERSION
-from ckptkit._record import CheckpointRecord, FileEntry, TensorInfo
+from ckptkit._record import CheckpointRecord, TensorInfo
 from ckptkit._retention import RetentionPlan, RetentionPolicy
-from ckptkit._safetensors import write_safetensors
-from ckptkit._storage import HashingWriter, Storage
+from ckptkit._storage import Storage
 from ckptkit._storage_local import LOCK_NAME, LocalStorage
 from ckptkit._storage_open import open_storage
 from ckptkit._store_read import Checkpoint, CheckpointReader, FallbackWarning, StepSelector
+from ckptkit._store_save import SaveJob, commit_save, delete_checkpoints, prepare_save
 from ckptkit._store_write import ManifestWriter
-from ckptkit._tree import encode_json_value, flatten_for_store
-from ckptkit._tree_read import decode_json_value
-from ckptkit._validate import check_metrics, check_step
+from ckptkit._validate import check_step
 
 __all__ = ["LOCK_NAME", "Checkpoint", "CheckpointStore", "FallbackWarning", "StepSelector"]
 
 
 logger = logging.getLogger("ckptkit")
-
-
-@dataclass(kw_only=True)
-class _SaveJob:
-    """A checked, encoded save, ready for the commit protocol."""
-
-    step: int
-    metrics: dict[str, float]
-    metadata: dict[str, Any]
-    arrays: dict[str, np.ndarray]
-    header: dict[str, str]  # the arrays file's __metadata__: the aliases
-    state_bytes: bytes
-    overwrite: bool
-    protected: frozenset[int]
 
 
 class CheckpointStore:
@@ -312,16 +291,19 @@ class CheckpointStore:
     ) -> CheckpointRecord:
         """Commit a checkpoint of ``state`` at ``step``, then apply retention.
 
-        If this raises before the commit point (the manifest's ``os.replace``), the store is
+        If this raises before the commit point (the manifest's replacement), the store is
         exactly as it was; if it raises after it (a failed directory fsync or deletion), the new
-        checkpoint is committed and whole. Either way no listed checkpoint is partial.
+        checkpoint is committed and whole. Either way no listed checkpoint is partial. On an
+        object store, a commit that another writer beat is decided again on the new manifest.
 
         Raises:
             UnsupportedStateError: a leaf of ``state`` cannot be saved (the message has its key path).
-            CheckpointExistsError: ``step`` is committed and ``overwrite`` is False.
+            CheckpointExistsError: ``step`` is committed and ``overwrite`` is False (also when
+                another writer committed it first).
             LockTimeoutError: another process held the lock longer than ``lock_timeout``.
-            StoreWriteError: the disk failed (e.g. ENOSPC, a read-only file system); the
-                message says whether the step was committed. If not, the store is unchanged.
+            StoreWriteError: the disk or the object store failed (e.g. ENOSPC, a read-only file
+                system, access denied); the message says whether the step was committed. If
+                not, the store is unchanged.
         """
         self._refuse_if_read_only(f"save step {step}")
         self.wait()
@@ -400,140 +382,13 @@ class CheckpointStore:
         metadata: Mapping[str, Any] | None,
         *,
         overwrite: bool,
-    ) -> _SaveJob:
-        """Check and encode everything about a save that does not touch the disk."""
-        step = check_step(step)
-        metric_values = check_metrics(metrics, step=step)
-        meta = self._check_metadata(metadata, step)
-        skeleton, arrays, header = flatten_for_store(state)
-        doc = {"format_version": STATE_FORMAT_VERSION, "tree": skeleton}
-        state_bytes = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
-        if len(state_bytes) > MAX_STATE_JSON_BYTES:
-            raise UnsupportedStateError(
-                f"step {step}: the state's non-array values take {len(state_bytes)} bytes of "
-                f"JSON, over the {MAX_STATE_JSON_BYTES}-byte cap of state.json; store large "
-                "numeric lists as numpy arrays"
-            )
-        return _SaveJob(
-            step=step,
-            metrics=metric_values,
-            metadata=meta,
-            arrays=arrays,
-            header=header,
-            state_bytes=state_bytes,
-            overwrite=overwrite,
-            # The step being written is kept even when it is not the newest (a re-run of an
-            # earlier step): a save never returns a record of a checkpoint it already deleted.
-            protected=frozenset({*self._protected, step}),
+    ) -> SaveJob:
+        return prepare_save(
+            step, state, metrics, metadata, overwrite=overwrite, protected=self._protected
         )
 
-    def _commit(self, job: _SaveJob) -> CheckpointRecord:
-        """The commit protocol (see the module docstring)."""
-        step = job.step
-        started = time.perf_counter()
-        location = self._storage.location
-        with self._writer.change(f"saving step {step}") as change:
-            self._refuse_existing(change.records, job)
-            total = sum(a.nbytes for a in job.arrays.values())
-            with _progress.bar(self.progress, total, f"saving step {step}") as update:
-                directory, files = self._write_files(job, update)
-            created = time.time()
-
-            def decide(
-                records: list[CheckpointRecord],
-            ) -> tuple[list[CheckpointRecord], tuple[CheckpointRecord, list[CheckpointRecord]]]:
-                old = self._refuse_existing(records, job)
-                record = CheckpointRecord(
-                    step=step,
-                    metrics=job.metrics,
-                    metadata=job.metadata,
-                    created=created,
-                    directory=directory,
-                    files=files,
-                    pinned=old.pinned if old is not None else False,
-                )
-                candidates = [r for r in records if r.step != step] + [record]
-                plan = self.retention.select(candidates, protected=job.protected)
-                kept = [r for r in candidates if r.step in plan.keep]
-                gone = [r for r in candidates if r.step not in plan.keep]
-                return kept, (record, gone + ([old] if old is not None else []))
-
-            record, gone = change.commit(decide, new_checkpoint=directory)
-            logger.info(
-                "%s: committed step %d (%s, %d bytes) in %.3f s",
-                location,
-                step,
-                directory,
-                sum(f.size for f in files),
-                time.perf_counter() - started,
-            )
-            dropped = [r.step for r in gone if r.step != step]
-            if dropped:
-                logger.info("%s: retention deletes steps %s", location, dropped)
-            self._delete(gone)
-        return record
-
-    def _refuse_existing(
-        self, records: list[CheckpointRecord], job: _SaveJob
-    ) -> CheckpointRecord | None:
-        """The committed checkpoint of the job's step, if any; raise unless it may be replaced."""
-        old = next((r for r in records if r.step == job.step), None)
-        if old is not None and not job.overwrite:
-            raise CheckpointExistsError(
-                f"{self._storage.location}: step {job.step} is already committed "
-                f"({old.directory}); pass overwrite=True to replace it atomically, or save under "
-                "another step"
-            )
-        return old
-
-    def _write_files(
-        self, job: _SaveJob, progress: _progress.Update | None
-    ) -> tuple[str, tuple[FileEntry, ...]]:
-        """Write a checkpoint's files under a name no manifest lists; return it and the files.
-
-        On any failure everything written is removed.
-        """
-        writer = self._storage.new_checkpoint(job.step)
-        try:
-            arrays = HashingWriter(writer.create("arrays.safetensors"), progress=progress)
-            try:
-                write_safetensors(arrays, job.arrays, job.header or None)
-                arrays.commit()
-            except BaseException:
-                arrays.abort()
-                raise
-            state = HashingWriter(writer.create("state.json"))
-            try:
-                state.write(job.state_bytes)
-                state.commit()
-            except BaseException:
-                state.abort()
-                raise
-            directory = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        return directory, (
-            FileEntry(name="arrays.safetensors", size=arrays.size, checksum=arrays.checksum),
-            FileEntry(name="state.json", size=state.size, checksum=state.checksum),
-        )
-
-    def _delete(self, records: list[CheckpointRecord]) -> None:
-        """Delete checkpoints the committed manifest no longer lists: their files, then them."""
-        for r in records:
-            self._storage.delete_checkpoint(r.directory, [f.name for f in r.files])
-
-    def _check_metadata(self, metadata: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
-        if metadata is None:
-            return {}
-        if not isinstance(metadata, Mapping):
-            raise TypeError(
-                f"metadata of step {step} must be a mapping, got {type(metadata).__name__}"
-            )
-        what = f"metadata of step {step}"
-        decoded = decode_json_value(encode_json_value(dict(metadata), what=what), what=what)
-        assert isinstance(decoded, dict)
-        return decoded
+    def _commit(self, job: SaveJob) -> CheckpointRecord:
+        return commit_save(self._writer, self.retention, job, progress=self.progress)
 
     # -- pins, protection, pruning ----------------------------------------------------------
 
@@ -602,7 +457,7 @@ class CheckpointStore:
                 logger.info(
                     "%s: prune deletes steps %s", self._storage.location, [r.step for r in gone]
                 )
-            self._delete(gone)
+            delete_checkpoints(self._storage, gone)
         return plan
 
     def _refuse_if_read_only(self, action: str) -> None:

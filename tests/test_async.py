@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import ckptkit._store_save as store_save
 from ckptkit import CheckpointExistsError, CheckpointStore, StoreWriteError
 from ckptkit._async import PendingSave
 
@@ -52,17 +53,17 @@ def test_one_save_in_flight_the_next_waits_for_it(tmp_path: Path, monkeypatch: A
     store = CheckpointStore(tmp_path)
     release = threading.Event()
     order: list[str] = []
-    real = CheckpointStore._write_files
+    real = store_save.write_files
 
-    def gated(self: CheckpointStore, job: Any, *args: Any) -> Any:
+    def gated(storage: Any, job: Any, *args: Any) -> Any:
         order.append(f"start {job.step}")
         if job.step == 0:
             release.wait()
-        result = real(self, job, *args)
+        result = real(storage, job, *args)
         order.append(f"end {job.step}")
         return result
 
-    monkeypatch.setattr(CheckpointStore, "_write_files", gated)
+    monkeypatch.setattr(store_save, "write_files", gated)
     first = store.save_async(0, {"w": np.zeros(3)})
     waiter = threading.Thread(target=lambda: store.save_async(1, {"w": np.ones(3)}))
     waiter.start()
@@ -148,13 +149,13 @@ def test_result_with_a_timeout_raises_while_in_flight(tmp_path: Path, monkeypatc
     """PendingSave.result(timeout) raises TimeoutError while the commit is still running."""
     store = CheckpointStore(tmp_path)
     release = threading.Event()
-    real = CheckpointStore._write_files
+    real = store_save.write_files
 
     def gated(*args: Any) -> Any:
         release.wait()
         return real(*args)
 
-    monkeypatch.setattr(CheckpointStore, "_write_files", gated)
+    monkeypatch.setattr(store_save, "write_files", gated)
     pending = store.save_async(0, {"w": np.zeros(3)})
     with pytest.raises(TimeoutError, match="step 0 is still in flight"):
         pending.result(timeout=0.01)

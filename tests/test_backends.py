@@ -17,6 +17,7 @@ import pytest
 from ckptkit import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CheckpointStore,
     CorruptCheckpointError,
     FallbackWarning,
     ReadOnlyStoreError,
@@ -215,3 +216,44 @@ def test_the_how_to_example_runs_against_an_s3_server(
     assert capsys.readouterr().out.strip() == "[0. 0. 0. 0.]"
     listed = s3_bucket.client.list_objects_v2(Bucket="my-bucket", Prefix="runs/exp1/")
     assert "runs/exp1/manifest.json" in [item["Key"] for item in listed["Contents"]]
+
+
+def test_the_command_line_reads_and_maintains_an_s3_store(
+    s3_bucket: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ckptkit ls/show/verify/pin/prune take an s3:// ROOT and --storage-option."""
+    import json
+
+    from ckptkit._cli import main
+
+    url = s3_bucket.url("cli")
+    store = CheckpointStore(url, storage_options=s3_bucket.options)
+    for step in range(4):
+        store.save(step, state(step, 10), metrics={"loss": 1.0 / (step + 1)})
+    options = [
+        f"--storage-option=endpoint_url={s3_bucket.endpoint}",
+        "--storage-option=region_name=us-east-1",
+        "--storage-option=key=testing",
+        "--storage-option=secret=testing",
+    ]
+
+    def run(command: str, *rest: str) -> Any:
+        code = main([command, url, *rest, *options, "--json"])
+        out, err = capsys.readouterr()
+        assert (code, err) == (0, ""), err
+        return json.loads(out)
+
+    listed = run("ls")
+    assert [c["step"] for c in listed["checkpoints"]] == [0, 1, 2, 3]
+    assert run("verify")["ok"] is True
+    assert run("pin", "1")["pinned"] is True
+    plan = run("prune", "--keep-last", "1", "--dry-run")
+    assert sorted(plan["deleted"]) == [0, 2]
+    assert [r.step for r in store.records()] == [0, 1, 2, 3]  # a dry run changes nothing
+    run("prune", "--keep-last", "1")
+    assert [r.step for r in store.records()] == [1, 3]
+    # Without the endpoint the store is not found there; a bad option is a usage error.
+    assert main(["ls", "s3://no-such-bucket-here/x", *options]) != 0
+    capsys.readouterr()
+    assert main(["ls", url, "--storage-option", "colour=blue"]) == 2
+    assert "invalid --storage-option 'colour=blue'" in capsys.readouterr().err

@@ -14,8 +14,8 @@ Layout under ``s3://bucket/prefix``: ``manifest.json``, and each checkpoint's fi
 A crashed writer leaves unlisted ``step_*`` prefixes and incomplete multipart uploads. Without
 a lock a live writer's files are unlisted too, so :meth:`S3Storage.sweep` removes only what is
 older than ``orphan_grace`` by the server's clock. The server must honour ``If-Match`` and
-``If-None-Match`` on PutObject (AWS S3 does since November 2024); docs/_s3-notes.md has what
-was measured.
+``If-None-Match`` on PutObject (AWS S3 does since November 2024);
+docs/object-store-design.md has what was measured.
 """
 
 from __future__ import annotations

@@ -635,9 +635,15 @@ class S3Storage(Storage):
         # writer that is still sending parts keeps its upload however long ago it began.
         if (now - upload["Initiated"]).total_seconds() < self.orphan_grace:
             return False
-        parts = self.client.list_parts(
-            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-        ).get("Parts", [])
+        try:
+            parts = self.client.list_parts(
+                Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            ).get("Parts", [])
+        except Exception as e:
+            parts_of_error = _error_parts(e)
+            if parts_of_error is not None and parts_of_error[0] == "NoSuchUpload":
+                return False  # finished or aborted since the listing: nothing to do
+            raise
         return all((now - p["LastModified"]).total_seconds() >= self.orphan_grace for p in parts)
 
     # -- object helpers (the writer, reader and sweep share them) -------------------------------

@@ -118,6 +118,7 @@ def test_a_kill_at_each_instant_of_a_save_costs_no_committed_checkpoint(
         store = open_store(s3_bucket.endpoint, s3_bucket.url(prefix), keep_last=2, grace=0.0)
         outcomes["after the commit" if 3 in store else "before the commit"] += 1
         check_store(s3_bucket, prefix, lines)
+    print(f"{instants} instants of one save killed: {outcomes}")
     # The kills fell on both sides of the commit point.
     assert outcomes["before the commit"] > 0 and outcomes["after the commit"] > 0, outcomes
 

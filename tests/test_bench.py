@@ -43,11 +43,18 @@ def test_quick_run_reports_every_method_with_ratios(tmp_path: Path) -> None:
         assert importlib.util.find_spec(library) is not None, f"CI installs {library}"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    proc = _bench("--quick", "--out", "tmp", "--dir", str(scratch), cwd=tmp_path)
+    proc = _bench("--quick", "--s3", "--out", "tmp", "--dir", str(scratch), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
 
     assert proc.stdout.startswith("machine: ")
-    for text in ("== save, 4 MiB", "== load cold", "== small save", "ratio", "result"):
+    for text in (
+        "== save, 4 MiB",
+        "== load cold",
+        "== small save",
+        "== S3 save",
+        "ratio",
+        "result",
+    ):
         assert text in proc.stdout, text
     doc = json.loads((tmp_path / "tmp" / "results.json").read_text())
     assert (tmp_path / "tmp" / "results.txt").read_text().startswith("machine: ")
@@ -73,7 +80,12 @@ def test_quick_run_reports_every_method_with_ratios(tmp_path: Path) -> None:
         "async": ASYNC,
         "small save": SMALL,
         "observe": {"StoppingPolicy.observe"},
+        "s3 save": {"boto3 upload_file", "ckptkit save"},
+        "s3 load": {"boto3 download_file", "ckptkit load"},
     }
+    # ckptkit's S3 rows carry the memory its save and load used (tracemalloc's peak).
+    s3 = [r for r in doc["rows"] if r["section"].startswith("s3") and r["method"].startswith("ck")]
+    assert all(r["extra_bytes"] and r["extra_bytes"] > 0 for r in s3), s3
     verdicts = {(t["group"].split(",")[0], t["method"]): t["verdict"] for t in doc["targets"]}
     assert len(verdicts) == 5
     for verdict in verdicts.values():

@@ -26,6 +26,7 @@ from ckptkit.bench._report import (
     table,
     write_json,
 )
+from ckptkit.bench._s3 import run_s3
 from ckptkit.bench._small import run_observe, run_small
 from ckptkit.bench._timing import Progress
 
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes, 1 round: checks that everything runs"
+    )
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help="also save and load each large state to moto's S3 server, started on 127.0.0.1, "
+        "against boto3's upload_file and download_file (needs the s3 extra and moto[server])",
     )
     return p
 
@@ -140,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_small(size, work, rounds, 3 if args.quick else 20, progress)
             else:
                 rows += run_large(size, work, rounds, progress)
+                if args.s3:
+                    rows += run_s3(size, work, rounds, progress)
         rows += run_observe(
             max(_rounds(sizes[-1], args), 5), 2000 if args.quick else 20000, progress
         )

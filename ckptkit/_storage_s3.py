@@ -21,23 +21,30 @@ docs/object-store-design.md has what was measured.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import errno
-import importlib
 import logging
 import secrets
-import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
-
-from ckptkit._fsio import Hasher, new_hasher
+from ckptkit._fsio import new_hasher
 from ckptkit._manifest import CHECKPOINT_DIR, CHECKPOINT_FILES, MANIFEST_NAME
+from ckptkit._s3_client import (
+    CONFLICT_STATUSES,
+    INSTALL_HINT,
+    STORAGE_OPTIONS,
+    STREAM_CHUNK,
+    as_oserror,
+    client_from_options,
+    error_parts,
+    is_missing,
+    server_time,
+    translated,
+)
+from ckptkit._s3_transfer import MIN_PART_SIZE, S3Sink, download, get_range
 from ckptkit._storage import (
     CheckpointFiles,
     CheckpointWriter,
@@ -49,117 +56,9 @@ from ckptkit._storage import (
     UnsafeFileError,
 )
 
+__all__ = ["INSTALL_HINT", "MIN_PART_SIZE", "STORAGE_OPTIONS", "S3Storage"]
+
 logger = logging.getLogger("ckptkit")
-
-INSTALL_HINT = "pip install 'ckptkit-ml[s3]' (from a clone: pip install '.[s3]')"
-#: S3 refuses a multipart upload whose parts, all but the last, are smaller than this.
-MIN_PART_SIZE = 5 << 20
-_MAX_PARTS = 10_000
-# Part n (from 0) is part_size * (1 + n // 1000): 16 MiB parts reach 860 GiB in 10,000 parts,
-# and a part stays far under S3's 5 GiB limit.
-_PARTS_PER_SIZE = 1000
-_STREAM_CHUNK = 8 << 20
-#: The storage options understood, named as s3fs names them (pandas, Lightning, HF datasets).
-STORAGE_OPTIONS = (
-    "anon",
-    "client_kwargs",
-    "config_kwargs",
-    "endpoint_url",
-    "key",
-    "profile",
-    "secret",
-    "token",
-)
-# 412: the condition failed; 409: a concurrent conditional write to the same key won.
-_CONFLICT_STATUSES = (409, 412)
-
-
-def _client_from_options(options: dict[str, Any], max_concurrency: int) -> Any:
-    try:
-        boto3 = importlib.import_module("boto3")
-        botocore = importlib.import_module("botocore")
-        config = importlib.import_module("botocore.config")
-    except ImportError as e:
-        raise ImportError(f"s3:// stores need boto3; run `{INSTALL_HINT}`") from e
-    unknown = sorted(set(options) - set(STORAGE_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"storage option(s) {', '.join(unknown)} are not used by ckptkit's S3 storage; "
-            f"it understands {', '.join(STORAGE_OPTIONS)}"
-        )
-    # Anything not given falls back to what botocore reads itself: AWS_ACCESS_KEY_ID,
-    # AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws/config, instance roles...
-    session = boto3.session.Session(
-        aws_access_key_id=options.get("key"),
-        aws_secret_access_key=options.get("secret"),
-        aws_session_token=options.get("token"),
-        profile_name=options.get("profile"),
-    )
-    config_kwargs = {"max_pool_connections": max(10, 2 * max_concurrency)}
-    config_kwargs.update(options.get("config_kwargs") or {})
-    if options.get("anon"):
-        config_kwargs["signature_version"] = botocore.UNSIGNED
-    client_kwargs = dict(options.get("client_kwargs") or {})
-    if options.get("endpoint_url") is not None:
-        client_kwargs.setdefault("endpoint_url", options["endpoint_url"])
-    return session.client("s3", config=config.Config(**config_kwargs), **client_kwargs)
-
-
-def _error_parts(e: BaseException) -> tuple[str, int] | None:
-    """(S3 error code, HTTP status) of a botocore error; status 0 when no response came."""
-    module = type(e).__module__
-    if not module.startswith("botocore"):
-        return None
-    response = getattr(e, "response", None)
-    if not isinstance(response, dict):
-        return type(e).__name__, 0
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-    return code, status
-
-
-def _is_missing(parts: tuple[str, int] | None) -> bool:
-    return parts is not None and (parts[1] == 404 or parts[0] in ("NoSuchKey", "NotFound"))
-
-
-def _as_oserror(e: BaseException, url: str) -> OSError | None:
-    """The builtin error the store understands for a client error, or None if not one."""
-    parts = _error_parts(e)
-    if parts is None:
-        return None
-    code, status = parts
-    if code == "NoSuchBucket":
-        return FileNotFoundError(errno.ENOENT, f"{url}: the bucket does not exist (S3 {code})")
-    if _is_missing(parts):
-        return FileNotFoundError(errno.ENOENT, f"{url}: no such object (S3 {code or status})")
-    if status == 403 or code in ("AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId"):
-        return PermissionError(errno.EACCES, f"{url}: access denied (S3 {code or status})")
-    if status == 0:
-        return OSError(errno.EIO, f"{url}: the S3 request failed ({code}: {e})")
-    return OSError(errno.EIO, f"{url}: S3 error {code} (HTTP {status}): {e}")
-
-
-@contextlib.contextmanager
-def _translated(url: str) -> Iterator[None]:
-    """Raise client errors as FileNotFoundError, PermissionError or OSError naming ``url``."""
-    try:
-        yield
-    except Exception as e:
-        err = _as_oserror(e, url)
-        if err is None:
-            raise
-        raise err from e
-
-
-def _read_into(body: Any, view: memoryview) -> int:
-    """Fill ``view`` from a response body; the count read (short if the body ends first)."""
-    got = 0
-    while got < len(view):
-        n = body.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
 
 
 def _plain_name(name: str) -> str:
@@ -168,134 +67,15 @@ def _plain_name(name: str) -> str:
     return name
 
 
-class _S3Sink:
-    """One file going up: a single PutObject if small, else parts uploaded a few at a time.
-
-    Memory stays bounded: at most ``max_concurrency`` parts are in flight and one fills; a
-    ``write`` that finds every slot busy waits for a part to finish.
-    """
-
-    def __init__(self, storage: S3Storage, key: str) -> None:
-        self._s = storage
-        self._key = key
-        self._url = storage.url_of(key)
-        self._buf = bytearray(storage.part_size)
-        self._filled = 0
-        self._upload_id: str | None = None
-        self._parts: list[Future[str]] = []
-        self._slots = threading.Semaphore(storage.max_concurrency)
-        self._pool: ThreadPoolExecutor | None = None
-        self.done = False
-
-    def write(self, data: memoryview, /) -> None:
-        view = memoryview(data).cast("B")
-        if view and not self._buf:
-            raise ValueError(f"{self._url}: write after commit or abort")
-        while view:
-            n = min(len(view), len(self._buf) - self._filled)
-            self._buf[self._filled : self._filled + n] = view[:n]
-            self._filled += n
-            view = view[n:]
-            if self._filled == len(self._buf):
-                self._send_part(last=False)
-
-    def _send_part(self, *, last: bool) -> None:
-        number = len(self._parts) + 1
-        if number > _MAX_PARTS:
-            raise OSError(
-                errno.EFBIG,
-                f"{self._url}: over {_MAX_PARTS} parts; pass S3Storage a larger part_size",
-            )
-        with _translated(self._url):
-            if self._upload_id is None:
-                self._upload_id = self._s.client.create_multipart_upload(
-                    Bucket=self._s.bucket, Key=self._key
-                )["UploadId"]
-            for failed in (f for f in self._parts if f.done() and f.exception()):
-                failed.result()  # stop at the first failed part, not at commit
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._s.max_concurrency, "ckptkit-s3-put")
-        data = self._buf[: self._filled] if self._filled < len(self._buf) else self._buf
-        self._slots.acquire()
-        future = self._pool.submit(self._upload_part, number, data)
-        future.add_done_callback(lambda _: self._slots.release())
-        self._parts.append(future)
-        size = self._s.part_size * (1 + len(self._parts) // _PARTS_PER_SIZE)
-        self._buf = bytearray(0 if last else size)
-        self._filled = 0
-
-    def _upload_part(self, number: int, data: bytearray) -> str:
-        response = self._s.client.upload_part(
-            Bucket=self._s.bucket,
-            Key=self._key,
-            UploadId=self._upload_id,
-            PartNumber=number,
-            Body=data,
-        )
-        return str(response["ETag"])
-
-    def commit(self) -> None:
-        try:
-            self._finish()
-        except BaseException:
-            self.abort()
-            raise
-        self._close()
-        self.done = True
-
-    def _finish(self) -> None:
-        with _translated(self._url):
-            if self._upload_id is None:
-                self._s.client.put_object(
-                    Bucket=self._s.bucket,
-                    Key=self._key,
-                    Body=bytes(self._buf[: self._filled]),
-                    IfNoneMatch="*",
-                )
-            else:
-                if self._filled:
-                    self._send_part(last=True)
-                parts = [
-                    {"PartNumber": i, "ETag": f.result()} for i, f in enumerate(self._parts, 1)
-                ]
-                self._s.client.complete_multipart_upload(
-                    Bucket=self._s.bucket,
-                    Key=self._key,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": parts},
-                    IfNoneMatch="*",
-                )
-
-    def abort(self) -> None:
-        self._close()
-        if self._upload_id is not None:
-            upload_id, self._upload_id = self._upload_id, None
-            try:
-                self._s.client.abort_multipart_upload(
-                    Bucket=self._s.bucket, Key=self._key, UploadId=upload_id
-                )
-            except Exception as e:
-                # The sweep aborts it once it is older than the grace period.
-                logger.warning("%s: could not abort its multipart upload: %s", self._url, e)
-
-    def _close(self) -> None:
-        for f in self._parts:
-            f.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._buf = bytearray()
-
-
 class _S3CheckpointWriter(CheckpointWriter):
     def __init__(self, storage: S3Storage, name: str) -> None:
         self._s = storage
         self.name = name
-        self._sinks: dict[str, _S3Sink] = {}
+        self._sinks: dict[str, S3Sink] = {}
 
-    def create(self, name: str) -> _S3Sink:
+    def create(self, name: str) -> S3Sink:
         key = self._s.key(self.name, _plain_name(name))
-        sink = self._sinks[name] = _S3Sink(self._s, key)
+        sink = self._sinks[name] = S3Sink(self._s, key)
         return sink
 
     def finish(self) -> str:
@@ -327,7 +107,7 @@ class _S3Range(RangeReader):
             )
         buf = bytearray(size)
         if size:
-            self._s.get_range(self._key, memoryview(buf), offset, self._etag)
+            get_range(self._s, self._key, memoryview(buf), offset, self._etag)
         return buf
 
     def close(self) -> None:
@@ -347,7 +127,7 @@ class _S3CheckpointFiles(CheckpointFiles):
     ) -> memoryview:
         algorithm = checksum.partition(":")[0] if checksum is not None else None
         hasher = new_hasher(algorithm) if algorithm is not None else None
-        view = self._s.download(self._key(name), size, hasher, progress)
+        view = download(self._s, self._key(name), size, hasher, progress)
         if hasher is not None and f"{algorithm}:{hasher.hexdigest()}" != checksum:
             raise ValueError("checksum does not match the manifest (the file's bytes changed)")
         return view
@@ -358,7 +138,7 @@ class _S3CheckpointFiles(CheckpointFiles):
 
     def open(self, name: str) -> RangeReader:
         key = self._key(name)
-        with _translated(self._s.url_of(key)):
+        with translated(self._s.url_of(key)):
             head = self._s.client.head_object(Bucket=self._s.bucket, Key=key)
         return _S3Range(self._s, key, int(head["ContentLength"]), str(head["ETag"]))
 
@@ -366,10 +146,10 @@ class _S3CheckpointFiles(CheckpointFiles):
         hasher = new_hasher(algorithm)
         key = self._key(name)
         size = 0
-        with _translated(self._s.url_of(key)):
+        with translated(self._s.url_of(key)):
             body = self._s.client.get_object(Bucket=self._s.bucket, Key=key)["Body"]
             with contextlib.closing(body):
-                for chunk in body.iter_chunks(_STREAM_CHUNK):
+                for chunk in body.iter_chunks(STREAM_CHUNK):
                     hasher.update(chunk)
                     size += len(chunk)
         return size, f"{algorithm}:{hasher.hexdigest()}"
@@ -436,7 +216,7 @@ class S3Storage(Storage):
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.orphan_grace = orphan_grace
-        self.client = client or _client_from_options(storage_options or {}, max_concurrency)
+        self.client = client or client_from_options(storage_options or {}, max_concurrency)
 
     def key(self, *parts: str) -> str:
         return "/".join([self.prefix, *parts]) if self.prefix else "/".join(parts)
@@ -451,9 +231,9 @@ class S3Storage(Storage):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as e:
-            if _is_missing(_error_parts(e)):
+            if is_missing(error_parts(e)):
                 return False
-            err = _as_oserror(e, f"s3://{self.bucket}")
+            err = as_oserror(e, f"s3://{self.bucket}")
             if err is None:
                 raise
             raise err from e
@@ -481,14 +261,14 @@ class S3Storage(Storage):
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
         except Exception as e:
-            parts = _error_parts(e)
-            if _is_missing(parts) and parts is not None and parts[0] != "NoSuchBucket":
+            parts = error_parts(e)
+            if is_missing(parts) and parts is not None and parts[0] != "NoSuchBucket":
                 return ManifestVersion(None, None)
-            err = _as_oserror(e, self.url_of(key))
+            err = as_oserror(e, self.url_of(key))
             if err is None:
                 raise
             raise err from e
-        with contextlib.closing(response["Body"]) as body, _translated(self.url_of(key)):
+        with contextlib.closing(response["Body"]) as body, translated(self.url_of(key)):
             size = int(response["ContentLength"])
             if size > cap:
                 raise ValueError(f"is {size} bytes, over the {cap}-byte cap")
@@ -522,12 +302,12 @@ class S3Storage(Storage):
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
             return
         except Exception as e:
-            parts = _error_parts(e)
-            err = _as_oserror(e, url)
+            parts = error_parts(e)
+            err = as_oserror(e, url)
             if parts is None or err is None:
                 raise
             code, status = parts
-            conflict = status in _CONFLICT_STATUSES or (status == 404 and "IfMatch" in condition)
+            conflict = status in CONFLICT_STATUSES or (status == 404 and "IfMatch" in condition)
             known = conflict or 400 <= status < 500
             if not known or conflict:
                 with contextlib.suppress(Exception):
@@ -562,7 +342,7 @@ class S3Storage(Storage):
         if not CHECKPOINT_DIR.fullmatch(directory):
             raise UnsafeFileError(f"{directory!r} is not a checkpoint name")
         prefix = self.key(directory) + "/"
-        with _translated(self.url_of(prefix)):
+        with translated(self.url_of(prefix)):
             response = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
         if not response.get("KeyCount"):
             raise FileNotFoundError(
@@ -592,12 +372,12 @@ class S3Storage(Storage):
         newest: dict[str, datetime] = {}
         own: dict[str, list[str]] = {}
         now: datetime | None = None
-        with _translated(self.url_of(root)):
+        with translated(self.url_of(root)):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=root
             )
             for page in pages:
-                now = now or _server_time(page)
+                now = now or server_time(page)
                 for obj in page.get("Contents", []):
                     directory, _, name = obj["Key"][len(root) :].partition("/")
                     if not CHECKPOINT_DIR.fullmatch(directory) or directory in listed:
@@ -613,12 +393,12 @@ class S3Storage(Storage):
 
     def _sweep_uploads(self) -> None:
         root = self.key("")
-        with _translated(self.url_of(root)):
+        with translated(self.url_of(root)):
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=root
             )
             for page in pages:
-                now = _server_time(page)
+                now = server_time(page)
                 for upload in page.get("Uploads", []):
                     if not CHECKPOINT_DIR.fullmatch(upload["Key"][len(root) :].partition("/")[0]):
                         continue
@@ -640,7 +420,7 @@ class S3Storage(Storage):
                 Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
             ).get("Parts", [])
         except Exception as e:
-            parts_of_error = _error_parts(e)
+            parts_of_error = error_parts(e)
             if parts_of_error is not None and parts_of_error[0] == "NoSuchUpload":
                 return False  # finished or aborted since the listing: nothing to do
             raise
@@ -649,7 +429,7 @@ class S3Storage(Storage):
     # -- object helpers (the writer, reader and sweep share them) -------------------------------
 
     def list_keys(self, prefix: str) -> list[str]:
-        with _translated(self.url_of(prefix)):
+        with translated(self.url_of(prefix)):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=prefix
             )
@@ -662,7 +442,7 @@ class S3Storage(Storage):
             if key is not None:
                 batch.append(key)
             if batch and (key is None or len(batch) == 1000):
-                with _translated(self.url_of(batch[0])):
+                with translated(self.url_of(batch[0])):
                     response = self.client.delete_objects(
                         Bucket=self.bucket,
                         Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
@@ -673,90 +453,5 @@ class S3Storage(Storage):
                     raise OSError(number, f"{self.url_of(failed['Key'])}: not deleted (S3 {code})")
                 batch = []
 
-    def get_range(self, key: str, view: memoryview, offset: int, etag: str) -> None:
-        """Fill ``view`` from ``offset`` of the object, which must still have ``etag``."""
-        url = self.url_of(key)
-        try:
-            response = self.client.get_object(
-                Bucket=self.bucket,
-                Key=key,
-                Range=f"bytes={offset}-{offset + len(view) - 1}",
-                IfMatch=etag,
-            )
-        except Exception as e:
-            if _error_parts(e) == ("PreconditionFailed", 412):
-                raise ValueError("the object was replaced while it was being read") from e
-            err = _as_oserror(e, url)
-            if err is None:
-                raise
-            raise err from e
-        with contextlib.closing(response["Body"]) as body, _translated(url):
-            got = _read_into(body, view)
-        if got < len(view):
-            raise ValueError(f"file ended {got} bytes into a {len(view)}-byte read at {offset}")
-
-    def download(
-        self, key: str, size: int, hasher: Hasher | None, progress: Progress | None
-    ) -> memoryview:
-        """The whole object in a fresh buffer, after its size proved to be ``size``.
-
-        The first ranged GET tells the object's size (Content-Range) before the buffer is
-        allocated; the other ranges come in parallel into their slices of that buffer, pinned to
-        the first response's ETag, and are hashed in order as they complete.
-        """
-        url = self.url_of(key)
-        first = min(size, self.part_size)
-        try:
-            response = self.client.get_object(
-                Bucket=self.bucket, Key=key, **({"Range": f"bytes=0-{first - 1}"} if size else {})
-            )
-        except Exception as e:
-            if _error_parts(e) == ("InvalidRange", 416):  # the object is empty
-                raise ValueError(f"size is 0 bytes, the manifest says {size}") from e
-            err = _as_oserror(e, url)
-            if err is None:
-                raise
-            raise err from e
-        with contextlib.closing(response["Body"]) as body, _translated(url):
-            content_range = response.get("ContentRange")
-            actual = int(content_range.rpartition("/")[2]) if content_range else None
-            actual = int(response["ContentLength"]) if actual is None else actual
-            if actual != size:
-                raise ValueError(f"size is {actual} bytes, the manifest says {size}")
-            # np.empty, not bytearray: no zero-filling pass over memory about to be overwritten.
-            view = memoryview(np.empty(size, dtype=np.uint8).data)
-            got = _read_into(body, view[:first])
-        if got < first:
-            raise ValueError(f"file ended after {got} of {size} bytes while reading")
-        self._account(view[:first], hasher, progress)
-        rest = [(o, min(self.part_size, size - o)) for o in range(first, size, self.part_size)]
-        if not rest:
-            return view
-        etag = str(response["ETag"])
-        with ThreadPoolExecutor(min(self.max_concurrency, len(rest)), "ckptkit-s3-get") as pool:
-            futures = [pool.submit(self.get_range, key, view[o : o + n], o, etag) for o, n in rest]
-            try:
-                for (o, n), future in zip(rest, futures, strict=True):
-                    future.result()
-                    self._account(view[o : o + n], hasher, progress)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-        return view
-
-    @staticmethod
-    def _account(view: memoryview, hasher: Hasher | None, progress: Progress | None) -> None:
-        if hasher is not None:
-            hasher.update(view)
-        if progress is not None:
-            progress(len(view))
-
     def __repr__(self) -> str:
         return f"S3Storage({self.location!r})"
-
-
-def _server_time(response: dict[str, Any]) -> datetime | None:
-    """The server's clock from a response's Date header (None if it sent none)."""
-    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    return email.utils.parsedate_to_datetime(date) if date else None

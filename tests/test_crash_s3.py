@@ -146,23 +146,25 @@ def test_kills_at_random_instants_cost_no_committed_checkpoint(s3_bucket: S3Buck
         check_store(s3_bucket, prefix, lines)
 
 
-@pytest.mark.parametrize("writers", [2, 4])
-def test_concurrent_writer_processes_lose_no_commit(s3_bucket: S3Bucket, writers: int) -> None:
+#: Writers started together wait for "go"; moto reports every unfinished upload as begun in
+#: 2010, so one writer's sweep would take another's upload that has no part yet for abandoned:
+#: a grace of 30 years keeps the sweep out of these tests (on S3 the start time is real).
+TOGETHER = ("--wait-go", "--grace", "1e9")
+
+
+def run_together(commands: list[list[str]]) -> list[str]:
+    """Start the writers, let them all go at once, and return each one's stdout."""
     env = {**os.environ, "PYTHONPATH": REPO}
-    prefix = f"concurrent-{uuid.uuid4().hex[:8]}"
     procs = [
         subprocess.Popen(
-            # moto reports every unfinished upload as begun in 2010, so a writer's sweep would
-            # take another's upload that has no part yet for abandoned: a grace of 30 years
-            # keeps the sweep out of this test (on S3 the start time is real).
-            writer(s3_bucket, prefix, 100 * i, 3, "--wait-go", "--grace", "1e9"),
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
         )
-        for i in range(writers)
+        for command in commands
     ]
     for proc in procs:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
@@ -170,11 +172,21 @@ def test_concurrent_writer_processes_lose_no_commit(s3_bucket: S3Bucket, writers
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
-    reported: list[int] = []
+    outputs = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-        reported += committed(out.splitlines())
+        outputs.append(out)
+    return outputs
+
+
+@pytest.mark.parametrize("writers", [2, 4])
+def test_concurrent_writer_processes_lose_no_commit(s3_bucket: S3Bucket, writers: int) -> None:
+    prefix = f"concurrent-{uuid.uuid4().hex[:8]}"
+    outputs = run_together(
+        [writer(s3_bucket, prefix, 100 * i, 3, *TOGETHER) for i in range(writers)]
+    )
+    reported = [step for out in outputs for step in committed(out.splitlines())]
     expected = sorted(100 * i + k for i in range(writers) for k in range(3))
     assert sorted(reported) == expected
     store = open_store(s3_bucket.endpoint, s3_bucket.url(prefix), keep_last=None, grace=0.0)
@@ -184,29 +196,11 @@ def test_concurrent_writer_processes_lose_no_commit(s3_bucket: S3Bucket, writers
 
 
 def test_two_processes_saving_one_step_commit_it_once(s3_bucket: S3Bucket) -> None:
-    env = {**os.environ, "PYTHONPATH": REPO}
     prefix = f"same-step-{uuid.uuid4().hex[:8]}"
-    procs = [
-        subprocess.Popen(
-            writer(s3_bucket, prefix, 7, 1, "--wait-go", "--grace", "1e9", "--value", str(value)),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for value in (1, 2)
-    ]
-    for proc in procs:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    for proc in procs:
-        assert proc.stdin is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    outcomes: dict[int, str] = {}
-    for value, proc in zip((1, 2), procs, strict=True):
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0
-        outcomes[value] = out.split()[0]
+    outputs = run_together(
+        [writer(s3_bucket, prefix, 7, 1, *TOGETHER, "--value", str(value)) for value in (1, 2)]
+    )
+    outcomes = {value: out.split()[0] for value, out in zip((1, 2), outputs, strict=True)}
     assert sorted(outcomes.values()) == ["committed", "exists"], outcomes
     winner = next(v for v, outcome in outcomes.items() if outcome == "committed")
     store = open_store(s3_bucket.endpoint, s3_bucket.url(prefix), keep_last=None, grace=0.0)

@@ -80,7 +80,7 @@ class GCSStorage(Storage):
             ``STORAGE_EMULATOR_HOST``...).
         chunk_size: bytes per chunk of a resumable upload (a multiple of 256 KiB) and per
             ranged read; a file no larger than this goes up in one request. Writing one file
-            holds at most three chunks in memory.
+            holds about five chunks in memory.
         max_concurrency: ranged reads (and deletes) in flight at once for one file.
         orphan_grace: seconds an unlisted checkpoint must have been left untouched, by the
             server's clock, before :meth:`sweep` removes it. It must exceed the longest save,

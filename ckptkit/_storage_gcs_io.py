@@ -86,8 +86,8 @@ class GCSSink:
     Bytes collect in a chunk-sized buffer. The first full chunk opens a resumable upload
     (``ifGenerationMatch=0``); each full chunk is handed to one upload thread while the next
     fills, so a chunk is sent while the caller serialises and hashes the next. A ``write``
-    that finds the thread still busy waits: memory stays at three chunks (the one filling,
-    the one being handed over, the client's own copy of it).
+    that finds the thread still busy waits: memory stays at a few chunks (the one filling,
+    the one handed over, the client's copy of it and the request body it reads from that).
     """
 
     def __init__(self, storage: GCSStorage, key: str) -> None:

@@ -15,7 +15,7 @@ Layout under ``gs://bucket/prefix``: ``manifest.json``, and each checkpoint's fi
 A crashed writer leaves unlisted ``step_*`` prefixes (an unfinished resumable upload leaves
 no object and expires on its own). Without a lock a live writer's files are unlisted too, so
 :meth:`GCSStorage.sweep` removes only what is older than ``orphan_grace`` by the server's
-clock. docs/_gcs-notes.md has what was measured.
+clock. docs/object-store-design-gcs.md has what was measured.
 """
 
 from __future__ import annotations

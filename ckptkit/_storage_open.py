@@ -11,7 +11,7 @@ from ckptkit._storage import Storage
 from ckptkit._storage_local import LocalStorage
 
 #: The URL schemes a store's root may have; a root without ``://`` is a local path.
-SCHEMES = ("file", "memory", "s3")
+SCHEMES = ("file", "gs", "memory", "s3")
 
 
 def open_storage(
@@ -50,6 +50,10 @@ def open_storage(
         from ckptkit._storage_s3 import S3Storage
 
         return S3Storage(text, storage_options=dict(storage_options or {}))
+    if scheme == "gs":
+        from ckptkit._storage_gcs import GCSStorage
+
+        return GCSStorage(text, storage_options=dict(storage_options or {}))
     raise ValueError(
         f"{text}: no storage for the scheme {scheme!r}://; a store's root is a local path or a "
         f"URL with one of {', '.join(s + '://' for s in SCHEMES)}"

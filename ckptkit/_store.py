@@ -70,12 +70,13 @@ class CheckpointStore:
 
     Args:
         root: the store's directory, created if missing (unless ``read_only``), or the URL of
-            an object store: ``s3://bucket/prefix``, ``memory://name`` (in this process only),
-            ``file:///path``.
+            an object store: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``memory://name``
+            (in this process only), ``file:///path``.
         storage_options: for an ``s3://`` root, how to reach it, as s3fs/fsspec take them:
             ``key``, ``secret``, ``token``, ``client_kwargs={"endpoint_url": ...,
-            "region_name": ...}``; what is absent is read from the environment as the AWS
-            client reads it (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...).
+            "region_name": ...}``; for ``gs://``, as gcsfs takes them: ``project``, ``token``,
+            ``endpoint_url``. What is absent is read from the environment as the cloud's own
+            client reads it (``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...).
         keep_last: how many of the newest checkpoints to keep.
         keep_best: how many of the best checkpoints by ``monitor`` to keep.
         monitor: the metric that ranks checkpoints for ``keep_best`` and ``best()``.

@@ -28,17 +28,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         )
 
 
-#: moto's S3 server (session-scoped, on 127.0.0.1) and a fresh bucket per test.
-pytest_plugins = ["tests.helpers.s3server"]
+#: moto's S3 server and fake-gcs-server (session-scoped, on 127.0.0.1), a fresh bucket per test.
+pytest_plugins = ["tests.helpers.s3server", "tests.helpers.gcsserver"]
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", "s3", "gcs"])
 def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
     """A fresh store location on each storage backend (see tests/helpers/backends.py)."""
-    from tests.helpers.backends import LocalBackend, MemoryBackend, S3Backend
+    from tests.helpers.backends import GCSBackend, LocalBackend, MemoryBackend, S3Backend
 
     if request.param == "local":
         return LocalBackend(tmp_path / "store")
+    if request.param == "gcs":
+        return GCSBackend(request.getfixturevalue("gcs_bucket"))
     if request.param == "s3":
         return S3Backend(request.getfixturevalue("s3_bucket"))
     return MemoryBackend()

@@ -1,7 +1,7 @@
-"""The store's behaviour, the same on every storage: a local directory, memory://, and S3.
+"""The store's behaviour, the same on every storage: a local directory, memory://, S3 and GCS.
 
 Each test runs once per backend (the ``backend`` fixture, ``tests/helpers/backends.py``); S3 is
-moto's server on 127.0.0.1, started by the tests. What only a local disk has (links, FIFOs,
+moto's server and GCS is fake-gcs-server, both on 127.0.0.1, started by the tests. What only a local disk has (links, FIFOs,
 fsync, the file lock) is tested in ``test_store.py``, ``test_hostile.py`` and ``test_crash.py``.
 """
 

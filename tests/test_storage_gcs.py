@@ -28,8 +28,6 @@ from ckptkit._storage_gcs import CHUNK_MULTIPLE, GCSStorage
 if TYPE_CHECKING:
     from tests.helpers.gcsserver import GCSBucket
 
-# The server and bucket fixtures (tests/conftest.py may list this in its pytest_plugins instead).
-pytest_plugins = ["tests.helpers.gcsserver"]
 
 CHUNK = CHUNK_MULTIPLE  # the smallest chunk a resumable upload takes, so tests stay small
 

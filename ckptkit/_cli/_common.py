@@ -63,6 +63,7 @@ _STORAGE_KEYS = {
     "secret": "top",
     "token": "top",
     "anon": "top",
+    "project": "top",
 }
 
 

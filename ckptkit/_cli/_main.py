@@ -33,7 +33,8 @@ def _add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "root",
         metavar="ROOT",
-        help="the store's directory (it holds manifest.json), or its URL (s3://bucket/prefix)",
+        help="the store's directory (it holds manifest.json), or its URL (s3://bucket/prefix, "
+        "gs://bucket/prefix)",
     )
     p.add_argument(
         "--storage-option",
@@ -41,8 +42,9 @@ def _add_root(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         type=storage_option,
-        help="how to reach an s3:// store, repeatable: endpoint_url, region_name, key, secret, "
-        "token, anon=true (default: the AWS environment variables and config files)",
+        help="how to reach an s3:// or gs:// store, repeatable: endpoint_url, region_name, key, "
+        "secret, token, anon=true (s3), project, token (gs) (default: the credentials the "
+        "cloud's own tools find)",
     )
 
 

@@ -96,3 +96,22 @@ class S3Backend(Backend):
         data = bytearray(client.get_object(Bucket=self.bucket.name, Key=key)["Body"].read())
         data[len(data) // 2] ^= 0xFF
         client.put_object(Bucket=self.bucket.name, Key=key, Body=bytes(data))
+
+
+class GCSBackend(Backend):
+    name = "gcs"
+
+    def __init__(self, bucket: Any) -> None:
+        self.bucket = bucket
+        self.root = bucket.url("store")
+        self.options = bucket.options
+
+    def checkpoint_names(self) -> list[str]:
+        names = {key.removeprefix("store/").split("/")[0] for key in self.bucket.keys("store/")}
+        return sorted(n for n in names if CHECKPOINT_DIR.fullmatch(n))
+
+    def corrupt(self, directory: str, name: str) -> None:
+        blob = self.bucket.client.bucket(self.bucket.name).blob(f"store/{directory}/{name}")
+        data = bytearray(blob.download_as_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.upload_from_string(bytes(data))

@@ -36,6 +36,7 @@ class _Root:
     manifest: bytes | None = None
     generation: int = 0
     checkpoints: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    #: Checkpoints a writer of this process made and nobody deleted since, committed or not.
     writing: set[str] = field(default_factory=set)
 
 
@@ -69,8 +70,8 @@ class _MemoryWriter(CheckpointWriter):
         return _MemorySink(self._root, self.name, name)
 
     def finish(self) -> str:
-        with self._root.mutex:
-            self._root.writing.discard(self.name)
+        # The name stays the writer's (in ``writing``) after this: a sweep that read the
+        # manifest before this checkpoint's commit must not take it for a leftover.
         return self.name
 
     def abort(self) -> None:
@@ -217,9 +218,15 @@ class MemoryStorage(Storage):
                 files.pop(name, None)
             if not files:
                 self.root.checkpoints.pop(directory, None)
+                self.root.writing.discard(directory)
 
     def sweep(self, listed: set[str] | None) -> None:
-        """Remove unlisted checkpoints; those being written in this process are never touched."""
+        """Remove unlisted checkpoints no writer of this process made.
+
+        Every checkpoint a writer here made stays its own until it is deleted, committed or
+        not: the ``listed`` a sweep gets was read before other writers' latest commits, so
+        an unlisted checkpoint of a live writer may already be committed.
+        """
         if listed is None:
             return
         with self.root.mutex:

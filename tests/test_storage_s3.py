@@ -383,16 +383,24 @@ def test_memory_stores_of_one_name_share_their_contents():
     assert MemoryStorage(url).read_manifest(10).data is None
 
 
-def test_memory_sweep_spares_a_checkpoint_being_written():
-    """The sweep skips a checkpoint whose writer has not finished, and removes it once finished."""
+def test_memory_sweep_spares_every_checkpoint_a_live_writer_made():
+    """A sweep whose listing predates another writer's commit keeps that writer's checkpoint.
+
+    Four writer threads on one memory:// store lost a committed checkpoint this way: one writer's
+    first change read the manifest, another committed, and the sweep took the new checkpoint,
+    unlisted in what it had read, for a leftover.
+    """
     storage = MemoryStorage(f"memory://sweep-{uuid.uuid4().hex}")
+    stale = storage.read_manifest(1 << 20)
     writer = storage.new_checkpoint(1)
     out = HashingWriter(writer.create("state.json"))
     out.write(b"{}")
     out.commit()
-    storage.sweep(set())
+    storage.sweep(set())  # while it is being written
     name = writer.finish()
+    storage.commit_manifest(b"[]", expected=stale, new_checkpoint=name)
+    storage.sweep(set())  # with a listing read before the commit
     storage.open_checkpoint(name).close()
-    storage.sweep(set())
+    storage.delete_checkpoint(name, ["state.json"])
     with pytest.raises(FileNotFoundError):
         storage.open_checkpoint(name)

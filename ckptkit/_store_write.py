@@ -55,7 +55,9 @@ class Change:
         """Commit the records ``decide`` makes from the committed ones; return its other result.
 
         ``decide`` runs again on the newer manifest each time another writer committed first.
-        If it raises, ``new_checkpoint`` is deleted and nothing is committed.
+        If it raises, ``new_checkpoint`` is deleted and nothing is committed. A conflict after
+        which the manifest lists ``new_checkpoint`` means this commit landed (its answer was
+        lost, and a retry met it): it counts as committed.
         """
         storage = self._writer.reader.storage
         for _ in range(MAX_CONFLICTS):
@@ -72,6 +74,12 @@ class Change:
             except ManifestConflict:
                 self.version = self._writer.reader.read_manifest()
                 self.records = self._writer.reader.parse_manifest(self.version)
+                if new_checkpoint is not None and any(
+                    r.directory == new_checkpoint for r in self.records
+                ):
+                    # The commit landed though its answer was lost, and another writer has
+                    # committed on top of it since: the name is this save's alone.
+                    return result
                 continue
             self.records = records
             return result

@@ -8,13 +8,16 @@ when it really fills up is in ``test_diskfull.py``.
 from __future__ import annotations
 
 import errno
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ckptkit import CheckpointStore, StoreWriteError
+from ckptkit._storage import ManifestConflict, ManifestVersion
 from ckptkit._storage_local import LocalStorage
+from ckptkit._storage_memory import MemoryStorage
 from tests.helpers.faulty_storage import FaultyStorage
 
 #: Every operation a save with retention makes; each must be failed at least once below.
@@ -120,3 +123,34 @@ def test_failure_while_deleting_retention_victims_keeps_the_commit(tmp_path: Pat
     assert (tmp_path / "step_000000000000").exists()  # opening changes nothing
     reopened.save(2, {"w": np.ones(3)})
     assert not (tmp_path / "step_000000000000").exists()
+
+
+class _LostAnswer(MemoryStorage):
+    """Commits, lets another writer commit on top, then answers as if the commit had lost."""
+
+    def __init__(self, url: str, other: CheckpointStore) -> None:
+        super().__init__(url)
+        self.other = other
+        self.armed = True
+
+    def commit_manifest(
+        self, data: bytes, *, expected: ManifestVersion, new_checkpoint: str | None = None
+    ) -> None:
+        super().commit_manifest(data, expected=expected, new_checkpoint=new_checkpoint)
+        if self.armed and new_checkpoint is not None:
+            self.armed = False
+            self.other.save(2, {"w": np.full(3, 2.0)})
+            raise ManifestConflict("the retried PUT met its own first try")
+
+
+def test_a_commit_whose_answer_was_lost_is_kept_though_another_writer_followed() -> None:
+    """A conflict after a commit that landed must not delete the checkpoint it committed."""
+    url = f"memory://lost-answer-{uuid.uuid4().hex}"
+    other = CheckpointStore(url)
+    other.save(0, {"w": np.zeros(3)})
+    store = CheckpointStore(_LostAnswer(url, other))
+    record = store.save(1, {"w": np.ones(3)})
+    reopened = CheckpointStore(url)
+    assert [r.step for r in reopened.records()] == [0, 1, 2]
+    assert reopened.record(1).directory == record.directory
+    assert reopened.load(1)["w"].tolist() == [1.0, 1.0, 1.0]

@@ -12,7 +12,7 @@ import errno
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -65,6 +65,16 @@ def temp_name(suffix: str = "") -> str:
     return f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}"
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one :func:`temp_name` makes without a suffix."""
+    hexdigits = name[len(TEMP_PREFIX) :]
+    return (
+        name.startswith(TEMP_PREFIX)
+        and len(hexdigits) == 16
+        and all(c in "0123456789abcdef" for c in hexdigits)
+    )
+
+
 def fsync_dir(path: Path) -> None:
     """Make the directory's entries (creations, renames, deletions) durable.
 
@@ -90,10 +100,11 @@ def remove_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def remove_tree_of_own_files(directory: Path, names: Iterable[str]) -> bool:
+def remove_tree_of_own_files(directory: Path, names: Iterable[str] | Callable[[str], bool]) -> bool:
     """Delete the named files in ``directory``, then the directory if it is then empty.
 
-    Only the names given are deleted, so a file someone else put there survives (and keeps the
+    ``names`` is a list of names, or a test of a name (those in the directory that pass it
+    are deleted). Only the names given are deleted, so a file someone else put there survives (and keeps the
     directory). A ``directory`` that is a symlink is removed as a link: nothing in its target is
     touched. Returns True if the directory is gone.
     """
@@ -107,6 +118,8 @@ def remove_tree_of_own_files(directory: Path, names: Iterable[str]) -> bool:
             return True
         raise
     try:
+        if callable(names):
+            names = [n for n in os.listdir(dir_fd) if names(n)]
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=dir_fd)

@@ -7,7 +7,10 @@ metric values are the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``. The
 new files.
 
 Format version 2 added ``xxh3_128`` file checksums beside ``sha256``, the only form of version 1.
-The writer always writes version 2; a record read from a version 1 manifest keeps its ``sha256``
+Version 3 added sharded checkpoints, whose records list more files than the two fixed ones
+(``shards.json`` and one ``shard_<rank>.safetensors`` per writing rank). The writer writes
+version 3 only when a record has such files, so a store without sharded checkpoints stays
+readable by older versions; a record read from a version 1 manifest keeps its ``sha256``
 checksum when the manifest is rewritten, and still verifies, since files are checked with the
 algorithm their checksum names.
 """
@@ -25,7 +28,9 @@ from ckptkit._record import CheckpointRecord, FileEntry
 from ckptkit._tree import encode_json_value
 from ckptkit._tree_read import decode_json_value
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: The version written when every record has only the two fixed files.
+_PLAIN_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 #: The largest manifest read: about 100,000 checkpoints with modest metadata.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -33,13 +38,29 @@ MAX_MANIFEST_BYTES = 64 << 20
 #: Directory names the store gives checkpoints: ``step_`` and at least 12 digits, and a
 #: ``.N`` suffix for a checkpoint written over an existing step.
 CHECKPOINT_DIR = re.compile(r"step_([0-9]{12,})(\.[0-9]+)?")
-#: File names the store writes inside a checkpoint directory.
+#: The files of every checkpoint: the state's arrays and its JSON skeleton.
 CHECKPOINT_FILES = ("arrays.safetensors", "state.json")
+#: A sharded checkpoint's index of its sharded tensors (``_sharded.py``).
+SHARD_INDEX = "shards.json"
+#: A sharded checkpoint's per-rank tensor files.
+SHARD_FILE = re.compile(r"shard_[0-9]{5,}\.safetensors")
+
+
+def shard_file_name(rank: int) -> str:
+    """The name of the file the given rank writes its shards to."""
+    return f"shard_{rank:05d}.safetensors"
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether ``name`` is a file name the store writes inside a checkpoint directory."""
+    return name in CHECKPOINT_FILES or name == SHARD_INDEX or SHARD_FILE.fullmatch(name) is not None
+
 
 #: The checksum forms each manifest format version accepts: algorithm to hex digits of the digest.
 CHECKSUM_FORMS: dict[int, dict[str, int]] = {
     1: {"sha256": 64},
     2: {"sha256": 64, "xxh3_128": 32},
+    3: {"sha256": 64, "xxh3_128": 32},
 }
 _CHECKSUM_PATTERNS = {
     version: re.compile("|".join(f"{re.escape(a)}:[0-9a-f]{{{n}}}" for a, n in forms.items()))
@@ -105,7 +126,9 @@ def dumps(records: Sequence[CheckpointRecord]) -> bytes:
         }
         for r in sorted(records, key=lambda r: r.step)
     ]
-    doc: dict[str, Any] = {"checkpoints": checkpoints, "format_version": FORMAT_VERSION}
+    sharded = any(f.name not in CHECKPOINT_FILES for r in records for f in r.files)
+    version = FORMAT_VERSION if sharded else _PLAIN_FORMAT_VERSION
+    doc: dict[str, Any] = {"checkpoints": checkpoints, "format_version": version}
     return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("ascii")
 
 
@@ -186,6 +209,9 @@ def _record_from_json(entry: object, *, version: int) -> CheckpointRecord:
     names = [f.get("name") if isinstance(f, dict) else None for f in files]
     if len(set(map(str, names))) != len(names):
         raise ValueError(f"{where}: a file is listed twice")
+    shards = [n for n in names if isinstance(n, str) and SHARD_FILE.fullmatch(n)]
+    if shards and SHARD_INDEX not in names:
+        raise ValueError(f"{where}: shard files are listed without {SHARD_INDEX}")
     return CheckpointRecord(
         step=step,
         directory=directory,
@@ -203,8 +229,14 @@ def _file_from_json(entry: object, *, where: str, version: int) -> FileEntry:
     if not isinstance(entry, dict):
         raise TypeError(f"{where}: a file entry must be an object")
     name, size, checksum = entry["name"], entry["size"], entry["checksum"]
-    if name not in CHECKPOINT_FILES:
-        raise ValueError(f"{where}: file name {name!r} is not one the store writes")
+    allowed = isinstance(name, str) and (
+        is_checkpoint_file(name) if version >= 3 else name in CHECKPOINT_FILES
+    )
+    if not allowed:
+        raise ValueError(
+            f"{where}: file name {name!r} is not one the store writes "
+            f"(in manifest format_version {version})"
+        )
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"{where}: size of {name} is {size!r}, not a non-negative integer")
     if not isinstance(checksum, str) or not _CHECKSUM_PATTERNS[version].fullmatch(checksum):

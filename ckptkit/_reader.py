@@ -25,6 +25,7 @@ from ckptkit._safetensors_read import (
     reject_constant,
     tensor_from_bytes,
 )
+from ckptkit._sharded import ShardIndex, assemble, place, read_index
 from ckptkit._storage import CheckpointFiles, RangeReader, Storage, UnsafeFileError
 from ckptkit._tree_read import unflatten_state
 
@@ -56,8 +57,13 @@ def read_state(
     verify: bool,
     mmap: bool = False,
     progress: Update | None = None,
+    shards: bool = True,
 ) -> Any:
     """Read, check and decode one checkpoint's files.
+
+    A sharded checkpoint's tensors are put together whole into the tree (``_sharded.py``);
+    with ``shards=False`` they are left as the nulls ``state.json`` holds, for a caller that
+    reads them chunk by chunk.
 
     Sizes are always checked against the manifest and checksums when ``verify`` is true. Each
     file is read once into a buffer that the arrays then view, so the state costs one copy;
@@ -104,6 +110,12 @@ def read_state(
                     )
             except ValueError as e:
                 raise _corrupt(storage.describe(record.directory, name), e, record.step) from None
+        sharded: dict[str, np.ndarray] = {}
+        index = None
+        if shards and record.sharded:
+            where = storage.describe(record.directory)
+            index = read_index(files, record, verify=verify, where=where)
+            sharded = assemble(files, record, index, index.tensors, verify=verify, where=where)
     try:
         # The writer never writes bare NaN/Infinity or a key twice (json.loads would keep the
         # last of two), so either means the file is not what was written.
@@ -123,7 +135,10 @@ def read_state(
             f"({STATE_FORMAT_VERSION}); upgrade ckptkit-ml"
         )
     arrays, _ = parse_safetensors(buffers["arrays.safetensors"], source=arrays_path)
-    return unflatten_state(doc["tree"], arrays, source=state_path)
+    tree = unflatten_state(doc["tree"], arrays, source=state_path)
+    if index is not None:
+        place(tree, index, sharded, source=state_path)
+    return tree
 
 
 def read_tensors(
@@ -139,14 +154,16 @@ def read_tensors(
     """
     if verify:
         verify_files(storage, record)
+    index = read_index_of(storage, record)
+    sharded = set(index.tensors) if index is not None else set()
     path = storage.describe(record.directory, "arrays.safetensors")
     with _open_arrays(storage, record) as file:
         slots, data_start = read_layout(file, source=path)
         by_name = {slot[0]: slot for slot in slots}
-        wanted = list(by_name) if keys is None else list(keys)
-        missing = [k for k in wanted if k not in by_name]
+        wanted = [*by_name, *sorted(sharded)] if keys is None else list(keys)
+        missing = [k for k in wanted if k not in by_name and k not in sharded]
         if missing:
-            names = sorted(by_name)
+            names = sorted([*by_name, *sharded])
             shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
             raise TensorNotFoundError(
                 f"{path}: step {record.step} has no tensor {missing[0]!r}; it has [{shown}] "
@@ -154,13 +171,34 @@ def read_tensors(
             )
         out = {}
         for key in wanted:
+            if key not in by_name:
+                continue
             _, code, shape, begin, end = by_name[key]
             try:
                 buf = file.read_at(end - begin, data_start + begin)
             except ValueError as e:
                 raise _corrupt(path, e, record.step) from None
             out[key] = tensor_from_bytes(buf, code, shape)
-        return out
+    if index is not None:
+        with _open_checkpoint(storage, record) as files:
+            whole = assemble(
+                files,
+                record,
+                index,
+                [k for k in wanted if k in sharded],
+                verify=False,
+                where=storage.describe(record.directory),
+            )
+        out.update(whole)
+    return {key: out[key] for key in wanted}
+
+
+def read_index_of(storage: Storage, record: CheckpointRecord) -> ShardIndex | None:
+    """A sharded checkpoint's index (None for a checkpoint that is not sharded)."""
+    if not record.sharded:
+        return None
+    with _open_checkpoint(storage, record) as files:
+        return read_index(files, record, verify=False, where=storage.describe(record.directory))
 
 
 def read_layout_of(storage: Storage, record: CheckpointRecord) -> list[TensorSlot]:

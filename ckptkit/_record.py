@@ -50,6 +50,11 @@ class CheckpointRecord:
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
 
     @property
+    def sharded(self) -> bool:
+        """True for a checkpoint written by several ranks (its tensors are in shard files)."""
+        return any(f.name == "shards.json" for f in self.files)
+
+    @property
     def size(self) -> int:
         """Total bytes of the checkpoint's files."""
         return sum(f.size for f in self.files)

@@ -115,7 +115,14 @@ class HashingWriter:
 
 
 class CheckpointWriter(abc.ABC):
-    """The files of one checkpoint being written, under a name no manifest lists yet."""
+    """The files of one checkpoint being written, under a name no manifest lists yet.
+
+    Attributes:
+        name: what :meth:`Storage.join_checkpoint` takes to write more files into this
+            checkpoint from another process (the ranks of a sharded save).
+    """
+
+    name: str
 
     @abc.abstractmethod
     def create(self, name: str) -> Sink:
@@ -261,6 +268,19 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def new_checkpoint(self, step: int) -> CheckpointWriter:
         """Start writing the files of a checkpoint of ``step`` under a fresh name."""
+
+    @abc.abstractmethod
+    def join_checkpoint(self, name: str) -> CheckpointWriter:
+        """Write more files into a checkpoint another process is writing (``writer.name``).
+
+        The joined writer's :meth:`~CheckpointWriter.create` adds files; its ``finish`` only
+        checks that every file it created is committed (durable), and its ``abort`` removes
+        only those files. The process that started the checkpoint finishes it, after every
+        joined writer has finished.
+
+        Raises:
+            ValueError: ``name`` is not one :meth:`new_checkpoint` makes.
+        """
 
     @abc.abstractmethod
     def open_checkpoint(self, directory: str) -> CheckpointFiles:

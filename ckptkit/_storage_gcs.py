@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from ckptkit._manifest import CHECKPOINT_DIR, CHECKPOINT_FILES, MANIFEST_NAME
+from ckptkit._manifest import CHECKPOINT_DIR, MANIFEST_NAME, is_checkpoint_file
 from ckptkit._storage import (
     CheckpointFiles,
     CheckpointWriter,
@@ -238,6 +238,11 @@ class GCSStorage(Storage):
             raise ValueError(f"step {step} does not make a checkpoint name")
         return GCSCheckpointWriter(self, name)
 
+    def join_checkpoint(self, name: str) -> CheckpointWriter:
+        if not CHECKPOINT_DIR.fullmatch(name):
+            raise ValueError(f"{name!r} is not the name of a checkpoint being written")
+        return GCSCheckpointWriter(self, name)
+
     def open_checkpoint(self, directory: str) -> CheckpointFiles:
         """Open a checkpoint after one listing says something is under its prefix."""
         if not CHECKPOINT_DIR.fullmatch(directory):
@@ -279,7 +284,7 @@ class GCSStorage(Storage):
                 continue
             modified: datetime = max(blob.updated, blob.time_created)
             newest[directory] = max(modified, newest.get(directory, modified))
-            if name in CHECKPOINT_FILES:
+            if is_checkpoint_file(name):
                 own.setdefault(directory, []).append(blob.name)
         if now is None and own:
             logger.warning("%s: no server time to judge leftovers by; not sweeping", self)

@@ -26,7 +26,7 @@ from pathlib import Path
 import filelock
 
 from ckptkit import _fsio, _fsread
-from ckptkit._manifest import CHECKPOINT_DIR, CHECKPOINT_FILES, MANIFEST_NAME
+from ckptkit._manifest import CHECKPOINT_DIR, MANIFEST_NAME, is_checkpoint_file
 from ckptkit._storage import (
     CheckpointFiles,
     CheckpointWriter,
@@ -98,6 +98,7 @@ class _LocalCheckpointWriter(CheckpointWriter):
         self._root = root
         self._step = step
         self._tmp = root / _fsio.temp_name()
+        self.name = self._tmp.name
         os.mkdir(self._tmp)
 
     def create(self, name: str) -> FileSink:
@@ -116,6 +117,28 @@ class _LocalCheckpointWriter(CheckpointWriter):
 
     def abort(self) -> None:
         _fsio.remove_temp_tree(self._tmp)
+
+
+class _JoinedLocalWriter(CheckpointWriter):
+    """Files another process adds to a checkpoint's temporary directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.name = directory.name
+        self._dir = directory
+        self._sinks: dict[str, FileSink] = {}
+
+    def create(self, name: str) -> FileSink:
+        sink = self._sinks[name] = FileSink(self._dir / name)
+        return sink
+
+    def finish(self) -> str:
+        # Each file was fsynced by its sink's commit; the directory is fsynced by the writer
+        # that started the checkpoint, after every rank has finished.
+        return self.name
+
+    def abort(self) -> None:
+        for name in self._sinks:
+            _fsio.remove_quietly(self._dir / name)
 
 
 class _LocalRange(RangeReader):
@@ -213,7 +236,7 @@ class LocalStorage(Storage):
                 e.filename = f"{root / MANIFEST_NAME}, writing its replacement {tmp.name}"
             _fsio.remove_quietly(tmp)
             if new_checkpoint is not None:
-                _fsio.remove_tree_of_own_files(root / new_checkpoint, CHECKPOINT_FILES)
+                _fsio.remove_tree_of_own_files(root / new_checkpoint, is_checkpoint_file)
             raise
         # Past os.replace the commit has happened: a failure here propagates, but nothing is
         # rolled back, since the manifest on disk already lists the new state.
@@ -221,6 +244,14 @@ class LocalStorage(Storage):
 
     def new_checkpoint(self, step: int) -> CheckpointWriter:
         return _LocalCheckpointWriter(self.root, step)
+
+    def join_checkpoint(self, name: str) -> CheckpointWriter:
+        if not _fsio.is_temp_name(name):
+            raise ValueError(f"{name!r} is not the name of a checkpoint being written")
+        directory = self.root / name
+        if not directory.is_dir() or directory.is_symlink():
+            raise FileNotFoundError(f"{directory}: no checkpoint is being written there")
+        return _JoinedLocalWriter(directory)
 
     def open_checkpoint(self, directory: str) -> CheckpointFiles:
         return _LocalCheckpointFiles(self.root / directory)
@@ -244,4 +275,4 @@ class LocalStorage(Storage):
                 and entry.is_dir(follow_symlinks=False)
             ):
                 logger.info("%s: removing %s, which the manifest does not list", root, entry.name)
-                _fsio.remove_tree_of_own_files(path, CHECKPOINT_FILES)
+                _fsio.remove_tree_of_own_files(path, is_checkpoint_file)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ckptkit._fsio import new_hasher
-from ckptkit._manifest import CHECKPOINT_DIR, CHECKPOINT_FILES
+from ckptkit._manifest import CHECKPOINT_DIR, is_checkpoint_file
 from ckptkit._storage import (
     CheckpointFiles,
     CheckpointWriter,
@@ -63,10 +63,13 @@ class _MemorySink:
 
 
 class _MemoryWriter(CheckpointWriter):
-    def __init__(self, root: _Root, name: str) -> None:
+    def __init__(self, root: _Root, name: str, *, joined: bool = False) -> None:
         self._root, self.name = root, name
+        self._joined = joined
+        self._created: list[str] = []
 
     def create(self, name: str) -> _MemorySink:
+        self._created.append(name)
         return _MemorySink(self._root, self.name, name)
 
     def finish(self) -> str:
@@ -76,6 +79,11 @@ class _MemoryWriter(CheckpointWriter):
 
     def abort(self) -> None:
         with self._root.mutex:
+            if self._joined:
+                files = self._root.checkpoints.get(self.name, {})
+                for name in self._created:
+                    files.pop(name, None)
+                return
             self._root.checkpoints.pop(self.name, None)
             self._root.writing.discard(self.name)
 
@@ -204,6 +212,12 @@ class MemoryStorage(Storage):
             self.root.writing.add(name)
         return _MemoryWriter(self.root, name)
 
+    def join_checkpoint(self, name: str) -> CheckpointWriter:
+        with self.root.mutex:
+            if name not in self.root.writing:
+                raise ValueError(f"{self.describe(name)}: no checkpoint is being written there")
+        return _MemoryWriter(self.root, name, joined=True)
+
     def open_checkpoint(self, directory: str) -> CheckpointFiles:
         with self.root.mutex:
             files = self.root.checkpoints.get(directory)
@@ -235,5 +249,6 @@ class MemoryStorage(Storage):
                 for d in self.root.checkpoints
                 if CHECKPOINT_DIR.fullmatch(d) and d not in listed and d not in self.root.writing
             ]
-        for directory in stale:
-            self.delete_checkpoint(directory, CHECKPOINT_FILES)
+            own = {d: [n for n in self.root.checkpoints[d] if is_checkpoint_file(n)] for d in stale}
+        for directory, names in own.items():
+            self.delete_checkpoint(directory, names)

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ckptkit._fsio import new_hasher
-from ckptkit._manifest import CHECKPOINT_DIR, CHECKPOINT_FILES, MANIFEST_NAME
+from ckptkit._manifest import CHECKPOINT_DIR, MANIFEST_NAME, is_checkpoint_file
 from ckptkit._s3_client import (
     CONFLICT_STATUSES,
     INSTALL_HINT,
@@ -68,7 +68,8 @@ def _plain_name(name: str) -> str:
 
 
 class _S3CheckpointWriter(CheckpointWriter):
-    def __init__(self, storage: S3Storage, name: str) -> None:
+    # A joined writer differs in nothing: its abort, too, deletes only the objects it made.
+    def __init__(self, storage: S3Storage, name: str, *, joined: bool = False) -> None:
         self._s = storage
         self.name = name
         self._sinks: dict[str, S3Sink] = {}
@@ -337,6 +338,11 @@ class S3Storage(Storage):
             raise ValueError(f"step {step} does not make a checkpoint name")
         return _S3CheckpointWriter(self, name)
 
+    def join_checkpoint(self, name: str) -> CheckpointWriter:
+        if not CHECKPOINT_DIR.fullmatch(name):
+            raise ValueError(f"{name!r} is not the name of a checkpoint being written")
+        return _S3CheckpointWriter(self, name, joined=True)
+
     def open_checkpoint(self, directory: str) -> CheckpointFiles:
         """Open a checkpoint after one LIST request says something is under its prefix."""
         if not CHECKPOINT_DIR.fullmatch(directory):
@@ -384,7 +390,7 @@ class S3Storage(Storage):
                         continue
                     modified: datetime = obj["LastModified"]
                     newest[directory] = max(modified, newest.get(directory, modified))
-                    if name in CHECKPOINT_FILES:
+                    if is_checkpoint_file(name):
                         own.setdefault(directory, []).append(obj["Key"])
         for directory, keys in own.items():
             if now is not None and (now - newest[directory]).total_seconds() >= self.orphan_grace:

@@ -46,7 +46,13 @@ from ckptkit._storage import Storage
 from ckptkit._storage_local import LOCK_NAME, LocalStorage
 from ckptkit._storage_open import open_storage
 from ckptkit._store_read import Checkpoint, CheckpointReader, FallbackWarning, StepSelector
-from ckptkit._store_save import SaveJob, commit_save, delete_checkpoints, prepare_save
+from ckptkit._store_save import (
+    ExtraFiles,
+    SaveJob,
+    commit_save,
+    delete_checkpoints,
+    prepare_save,
+)
 from ckptkit._store_write import ManifestWriter
 from ckptkit._validate import check_step
 
@@ -390,6 +396,26 @@ class CheckpointStore:
 
     def _commit(self, job: SaveJob) -> CheckpointRecord:
         return commit_save(self._writer, self.retention, job, progress=self.progress)
+
+    def _save_with_files(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        extra: ExtraFiles,
+        *,
+        overwrite: bool = False,
+    ) -> CheckpointRecord:
+        """:meth:`save`, with ``extra`` writing more files into the checkpoint before its commit.
+
+        For a sharded save: ``extra`` gets the checkpoint's writer while the store's lock is
+        held, has every rank write its shards, and returns their entries for the manifest.
+        """
+        self._refuse_if_read_only(f"save step {step}")
+        self.wait()
+        job = self._prepare(step, state, metrics, metadata, overwrite=overwrite)
+        return commit_save(self._writer, self.retention, job, progress=False, extra=extra)
 
     # -- pins, protection, pruning ----------------------------------------------------------
 

@@ -21,7 +21,7 @@ from ckptkit import _manifest, _progress
 from ckptkit._errors import CheckpointNotFoundError, CorruptCheckpointError, StoreFormatError
 from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode
-from ckptkit._reader import read_layout_of, read_state, read_tensors, verify_files
+from ckptkit._reader import read_index_of, read_layout_of, read_state, read_tensors, verify_files
 from ckptkit._record import CheckpointRecord, TensorInfo
 from ckptkit._retention import RetentionPolicy
 from ckptkit._storage import ManifestVersion, Storage
@@ -166,13 +166,22 @@ class CheckpointReader:
 
     def tensor_info(self, step: StepSelector = None) -> dict[str, TensorInfo]:
         """Name, dtype, shape and size of every tensor of a checkpoint, from its header alone."""
-        slots = self._retrying(
-            step, "read", lambda r: self._guard_concurrent(r, read_layout_of, self.storage, r)
-        )
-        return {
-            name: TensorInfo(name=name, dtype=code, shape=shape, nbytes=end - begin)
-            for name, code, shape, begin, end in sorted(slots)
-        }
+
+        def read(record: CheckpointRecord) -> dict[str, TensorInfo]:
+            slots = read_layout_of(self.storage, record)
+            infos = [
+                TensorInfo(name=name, dtype=code, shape=shape, nbytes=end - begin)
+                for name, code, shape, begin, end in slots
+            ]
+            index = read_index_of(self.storage, record)
+            if index is not None:
+                infos += [
+                    TensorInfo(name=key, dtype=t.dtype, shape=t.shape, nbytes=t.nbytes)
+                    for key, t in index.tensors.items()
+                ]
+            return {info.name: info for info in sorted(infos, key=lambda i: i.name)}
+
+        return self._retrying(step, "read", lambda r: self._guard_concurrent(r, read, r))
 
     def _load_with_fallback(
         self, records: list[CheckpointRecord], chosen: CheckpointRecord, *, best: bool, mmap: bool

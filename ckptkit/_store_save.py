@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +23,17 @@ from ckptkit._reader import MAX_STATE_JSON_BYTES, STATE_FORMAT_VERSION
 from ckptkit._record import CheckpointRecord, FileEntry
 from ckptkit._retention import RetentionPolicy
 from ckptkit._safetensors import write_safetensors
-from ckptkit._storage import HashingWriter, Storage
+from ckptkit._storage import CheckpointWriter, HashingWriter, Storage
 from ckptkit._store_write import ManifestWriter
 from ckptkit._tree import encode_json_value, flatten_for_store
 from ckptkit._tree_read import decode_json_value
 from ckptkit._validate import check_metrics, check_step
 
 logger = logging.getLogger("ckptkit")
+
+#: Writes a checkpoint's files beyond the two fixed ones (a sharded save's shards and index,
+#: with the other ranks) into the checkpoint being written; returns their entries.
+ExtraFiles = Callable[[CheckpointWriter], tuple[FileEntry, ...]]
 
 
 @dataclass(kw_only=True)
@@ -94,9 +98,18 @@ def _check_metadata(metadata: Mapping[str, Any] | None, step: int) -> dict[str, 
 
 
 def commit_save(
-    writer: ManifestWriter, retention: RetentionPolicy, job: SaveJob, *, progress: bool
+    writer: ManifestWriter,
+    retention: RetentionPolicy,
+    job: SaveJob,
+    *,
+    progress: bool,
+    extra: ExtraFiles | None = None,
 ) -> CheckpointRecord:
-    """Write the job's files, commit a manifest that lists them, then apply retention."""
+    """Write the job's files, commit a manifest that lists them, then apply retention.
+
+    ``extra`` writes more files into the checkpoint before it is finished (under the store's
+    lock, as the rest): a sharded save's shards, written by every rank.
+    """
     step = job.step
     started = time.perf_counter()
     storage = writer.reader.storage
@@ -104,7 +117,7 @@ def commit_save(
         _refuse_existing(storage, change.records, job)
         total = sum(a.nbytes for a in job.arrays.values())
         with _progress.bar(progress, total, f"saving step {step}") as update:
-            directory, files = write_files(storage, job, update)
+            directory, files = write_files(storage, job, update, extra)
         created = time.time()
 
         def decide(
@@ -127,7 +140,9 @@ def commit_save(
             gone = [r for r in candidates if r.step not in plan.keep]
             return kept, (record, gone + ([old] if old is not None else []))
 
-        record, gone = change.commit(decide, new_checkpoint=directory)
+        record, gone = change.commit(
+            decide, new_checkpoint=directory, new_files=[f.name for f in files]
+        )
         logger.info(
             "%s: committed step %d (%s, %d bytes) in %.3f s",
             storage.location,
@@ -157,7 +172,10 @@ def _refuse_existing(
 
 
 def write_files(
-    storage: Storage, job: SaveJob, progress: _progress.Update | None
+    storage: Storage,
+    job: SaveJob,
+    progress: _progress.Update | None,
+    extra: ExtraFiles | None = None,
 ) -> tuple[str, tuple[FileEntry, ...]]:
     """Write a checkpoint's files under a name no manifest lists; return it and the files.
 
@@ -179,6 +197,7 @@ def write_files(
         except BaseException:
             state.abort()
             raise
+        more = extra(writer) if extra is not None else ()
         directory = writer.finish()
     except BaseException:
         writer.abort()
@@ -186,6 +205,7 @@ def write_files(
     return directory, (
         FileEntry(name="arrays.safetensors", size=arrays.size, checksum=arrays.checksum),
         FileEntry(name="state.json", size=state.size, checksum=state.checksum),
+        *more,
     )
 
 

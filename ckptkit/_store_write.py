@@ -15,7 +15,7 @@ object stores, only leftovers older than a grace period). Any ``OSError`` become
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TypeVar
 
@@ -51,6 +51,7 @@ class Change:
         decide: Callable[[list[CheckpointRecord]], tuple[list[CheckpointRecord], _T]],
         *,
         new_checkpoint: str | None = None,
+        new_files: Sequence[str] = _manifest.CHECKPOINT_FILES,
     ) -> _T:
         """Commit the records ``decide`` makes from the committed ones; return its other result.
 
@@ -65,7 +66,7 @@ class Change:
                 records, result = decide(self.records)
             except BaseException:
                 if new_checkpoint is not None:
-                    storage.delete_checkpoint(new_checkpoint, list(_manifest.CHECKPOINT_FILES))
+                    storage.delete_checkpoint(new_checkpoint, list(new_files))
                 raise
             try:
                 storage.commit_manifest(
@@ -84,7 +85,7 @@ class Change:
             self.records = records
             return result
         if new_checkpoint is not None:
-            storage.delete_checkpoint(new_checkpoint, list(_manifest.CHECKPOINT_FILES))
+            storage.delete_checkpoint(new_checkpoint, list(new_files))
         raise CkptkitError(
             f"{self._writer.reader.location}: other writers committed first {MAX_CONFLICTS} "
             "times in a row; nothing was committed: try again, or write from fewer processes"

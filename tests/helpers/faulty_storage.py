@@ -84,6 +84,10 @@ class FaultyStorage(Storage):
         self.tick("new_checkpoint")
         return _FaultyWriter(self, self.inner.new_checkpoint(step))
 
+    def join_checkpoint(self, name: str) -> CheckpointWriter:
+        self.tick("join_checkpoint")
+        return _FaultyWriter(self, self.inner.join_checkpoint(name))
+
     def open_checkpoint(self, directory: str) -> CheckpointFiles:
         return self.inner.open_checkpoint(directory)
 
@@ -99,6 +103,7 @@ class _FaultyWriter(CheckpointWriter):
     def __init__(self, storage: FaultyStorage, inner: CheckpointWriter) -> None:
         self._storage = storage
         self._inner = inner
+        self.name = inner.name
 
     def create(self, name: str) -> Sink:
         self._storage.tick(f"create {name}")

@@ -26,6 +26,11 @@ from ckptkit._manifest import loads as _load_records
 from ckptkit._policy import Decision, StoppingPolicy
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore
+from ckptkit._tree import encode_json_value
+from ckptkit._tree_read import decode_json_value
+
+from ._torch_dist_sharded import ShardedIO
+from ._torch_state import TorchState
 
 __all__ = ["DistributedCheckpointError", "DistributedCheckpointer"]
 
@@ -92,6 +97,7 @@ class DistributedCheckpointer:
         group: dist.ProcessGroup | None = None,
         save_every: int = 1,
         save_best_only: bool = False,
+        sharded: bool = False,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise DistributedCheckpointError(
@@ -114,6 +120,17 @@ class DistributedCheckpointer:
         self.world_size = dist.get_world_size(group)
         self._src = 0 if group is None else dist.get_global_rank(group, 0)
         self._device = _collective_device(group)
+        #: True when every rank writes its own shards (see the class docstring).
+        self.sharded = bool(sharded)
+        if self.sharded:
+            if not isinstance(state, TorchState):
+                raise TypeError(
+                    f"sharded=True needs a TorchState(model=..., optimizer=...), not a "
+                    f"{type(state).__name__}"
+                )
+            io = ShardedIO(self, state)
+            self.checkpointer._save_hook = io.save
+            self.checkpointer._restore_hook = io.restore
 
     def __repr__(self) -> str:
         return f"DistributedCheckpointer({self.store.root}, rank {self.rank} of {self.world_size})"
@@ -157,6 +174,9 @@ class DistributedCheckpointer:
             DistributedCheckpointError: another rank failed to resume, or the ranks loaded
                 different steps (the store is not one directory that every rank reads).
         """
+        if self.sharded:
+            latest = self.store.latest()
+            self._same_step(-1 if latest is None else latest.step, "resume", "sees as latest")
         error: BaseException | None = None
         step = 0
         try:
@@ -183,6 +203,11 @@ class DistributedCheckpointer:
             DistributedCheckpointError: on the other ranks, when rank 0 failed (rank 0 raises
                 its own error, a ``MissingMetricError`` say).
         """
+        if self.sharded:
+            # Every rank runs the policy on rank 0's metrics, so every rank makes the same
+            # decision and joins the same saves.
+            metrics, metadata = self._rank0_inputs(metrics, metadata)
+            return self.checkpointer.step(step, metrics, metadata=metadata)
         reply = self._on_writer(
             lambda: self._decision_reply(self.checkpointer.step(step, metrics, metadata=metadata)),
             f"step {step}",
@@ -205,6 +230,12 @@ class DistributedCheckpointer:
             DistributedCheckpointError: on the other ranks, when rank 0's save failed.
         """
 
+        if self.sharded:
+            metrics, metadata = self._rank0_inputs(metrics, metadata)
+            saved = self.checkpointer.save(step, metrics, metadata=metadata)
+            assert isinstance(saved, CheckpointRecord)
+            return saved
+
         def save_on_writer() -> dict[str, Any]:
             saved = self.checkpointer.save(step, metrics, metadata=metadata)
             # Every rank returns the committed record, so a background save is waited for.
@@ -222,6 +253,9 @@ class DistributedCheckpointer:
             CheckpointNotFoundError: on every rank, when there is no best yet.
             DistributedCheckpointError: another rank failed, or the ranks loaded different steps.
         """
+        if self.sharded:
+            best = self.checkpointer.best()
+            self._same_step(-1 if best is None else best.step, "restore_best", "sees as best")
         error: BaseException | None = None
         record: CheckpointRecord | None = None
         try:
@@ -251,18 +285,72 @@ class DistributedCheckpointer:
             except Exception as e:  # re-raised below, after the other ranks have heard of it
                 error = e
                 reply = {"error": f"{type(e).__name__}: {e}"}
-        # NaN and infinite values travel as JSON's NaN/Infinity tokens: both ends are Python.
-        data = json.dumps(reply).encode("utf-8") if self.rank == 0 else b""
-        received = json.loads(self._broadcast(data).decode("utf-8"))
+        received = self._broadcast_json(reply if self.rank == 0 else None)
         if error is not None:
             raise error
         if "error" in received:
-            raise DistributedCheckpointError(
-                f"rank 0 failed at {what} of the store {self.store.root}: {received['error']}; "
-                "see rank 0's traceback"
-            )
+            raise self._remote_error(what, received["error"])
         result: dict[str, Any] = received["ok"]
         return result
+
+    def _remote_error(self, what: str, message: str) -> DistributedCheckpointError:
+        return DistributedCheckpointError(
+            f"rank 0 failed at {what} of the store {self.store.root}: {message}; "
+            "see rank 0's traceback"
+        )
+
+    def _broadcast_json(self, value: dict[str, Any] | None) -> dict[str, Any]:
+        """Rank 0's JSON ``value`` on every rank (the others pass None)."""
+        # NaN and infinite values travel as JSON's NaN/Infinity tokens: both ends are Python.
+        data = json.dumps(value).encode("utf-8") if self.rank == 0 else b""
+        received: dict[str, Any] = json.loads(self._broadcast(data).decode("utf-8"))
+        return received
+
+    def _rank0_inputs(
+        self, metrics: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Rank 0's metrics and metadata, on every rank (as JSON: NaN and inf included)."""
+        mine: dict[str, Any] | None = None
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                mine = {
+                    "metrics": None
+                    if metrics is None
+                    else {k: float(v) for k, v in metrics.items()},
+                    "metadata": None
+                    if metadata is None
+                    else encode_json_value(dict(metadata), what="metadata"),
+                }
+                json.dumps(mine)
+            except (TypeError, ValueError) as e:  # raised below, after the others heard of it
+                error, mine = e, {"error": f"{type(e).__name__}: {e}"}
+        got = self._broadcast_json(mine)
+        if error is not None:
+            raise error
+        if "error" in got:
+            raise self._remote_error("reading the metrics", got["error"])
+        meta = (
+            None if got["metadata"] is None else decode_json_value(got["metadata"], what="metadata")
+        )
+        assert meta is None or isinstance(meta, dict)
+        return got["metrics"], meta
+
+    def _same_step(self, step: int, what: str, verb: str) -> None:
+        """Raise on every rank unless every rank passes the same ``step`` (-1: none)."""
+        mine = torch.tensor([step], dtype=torch.int64, device=self._device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        steps = [int(t.item()) for t in gathered]
+        if len(set(steps)) > 1:
+            listed = ", ".join(
+                f"rank {rank} {verb} {'no checkpoint' if s < 0 else f'step {s}'}"
+                for rank, s in enumerate(steps)
+            )
+            raise DistributedCheckpointError(
+                f"{what}: the ranks see different checkpoints in {self.store.root} ({listed}); "
+                "the store must be one directory (or bucket prefix) that every rank reads"
+            )
 
     def _broadcast(self, data: bytes) -> bytes:
         size = torch.tensor([len(data)], dtype=torch.int64, device=self._device)

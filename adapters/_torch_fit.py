@@ -50,7 +50,14 @@ def kind_of(obj: Any) -> str:
     """The class that decides what a state means: a wrapped module's, not its wrapper's."""
     if isinstance(obj, LoaderState):
         return "DataLoader"
-    return type(_unwrap(obj)[0]).__qualname__
+    cls = type(_unwrap(obj)[0])
+    if cls.__name__.startswith("FSDP") and hasattr(torch.distributed, "fsdp"):
+        # fully_shard gives each module a class of its own, FSDP<name>(FSDPModule, <class>).
+        from torch.distributed.fsdp import FSDPModule
+
+        if issubclass(cls, FSDPModule):
+            cls = next(b for b in cls.__bases__ if not issubclass(b, FSDPModule))
+    return cls.__qualname__
 
 
 def fit(obj: Any, saved: Any, where: str) -> Any:

@@ -23,6 +23,14 @@ from ._torch_data import ResumableSampler
 from ._torch_fit import fit, kind_of, restore
 from ._torch_loader import LoaderState, is_plain_loader
 from ._torch_rng import capture_rng, restore_rng
+from ._torch_sharded import (
+    DISTRIBUTED_LAYOUT,
+    LAYOUT_KEY,
+    Captured,
+    capture,
+    distributed_parts,
+    restore_distributed,
+)
 
 _TYPES_KEY = "$types"
 
@@ -108,13 +116,30 @@ class TorchState:
 
     def state_dict(self) -> dict[str, Any]:
         """Every object's state and (with ``rng``) the generators', as one core tree."""
-        parts: dict[str, Any] = {name: _own_state(obj) for name, obj in self._parts.items()}
+        return self._tree({name: _own_state(obj) for name, obj in self._parts.items()})
+
+    def _sharded_state(self) -> tuple[dict[str, Any], Captured]:
+        """The tree rank 0 saves in a sharded save, and this rank's tensors for DCP.
+
+        Modules and optimizers are in the distributed layout (``_torch_sharded``), with None
+        where their tensors are.
+        """
+        captured = capture(self)
+        parts = {
+            name: captured.parts[name] if name in captured.parts else _own_state(obj)
+            for name, obj in self._parts.items()
+        }
+        return self._tree(parts, layout=DISTRIBUTED_LAYOUT), captured
+
+    def _tree(self, parts: dict[str, Any], *, layout: str | None = None) -> dict[str, Any]:
         if self.rng:
             parts["rng"] = capture_rng()
         # Each part's class, so a state is never loaded into another kind of object (an Adam
         # state into SGD loads without complaint and fails, or drifts, much later). No keyword
         # argument can start with "$", so this key never collides with a part's name.
         parts[_TYPES_KEY] = {name: kind_of(obj) for name, obj in self._parts.items()}
+        if layout is not None:
+            parts[LAYOUT_KEY] = layout
         tree = ToTree().convert(parts)
         assert isinstance(tree, dict)
         return tree
@@ -130,7 +155,9 @@ class TorchState:
         self._load(tree, self.map_location)
 
     def _load(self, tree: Any, map_location: torch.device | None, where: str = "") -> None:
-        names = set(self.objects) | ({"rng"} if self.rng else set())
+        self._apply(self._from_tree(tree, map_location, where), where)
+
+    def _from_tree(self, tree: Any, map_location: torch.device | None, where: str) -> Any:
         if not isinstance(tree, Mapping):
             raise ConfigMismatchError(
                 f"{where}a TorchState loads a dict of parts, not a {type(tree).__name__}"
@@ -142,6 +169,14 @@ class TorchState:
             where.rstrip(": ") or "TorchState",
             own=lambda path: bool(path) and path[0] in kept,
         ).convert(dict(tree))
+        if not isinstance(state, dict):
+            raise ConfigMismatchError(f"{where}a TorchState loads a dict of parts")
+        return state
+
+    def _apply(self, state: dict[str, Any], where: str) -> None:
+        """Check the converted parts against the objects, then restore every object."""
+        names = set(self.objects) | ({"rng"} if self.rng else set())
+        layout = state.pop(LAYOUT_KEY, None)
         types = state.pop(_TYPES_KEY, {})
         missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
         if missing or unexpected:
@@ -156,8 +191,21 @@ class TorchState:
                     f"{where}part {name!r} was saved from a {saved_type}, and this TorchState "
                     f"has a {kind_of(obj)} there; pass the same kind of object"
                 )
-        ready = {n: fit(obj, state[n], f"{where}part {n!r}") for n, obj in self._parts.items()}
-        _restore_all(self._parts, ready, state["rng"] if self.rng else None, where)
+        if layout not in (None, DISTRIBUTED_LAYOUT):
+            raise ConfigMismatchError(
+                f"{where}the saved parts have layout {layout!r}, which this ckptkit does not "
+                "read; upgrade ckptkit-ml"
+            )
+        others = dict(self._parts)
+        if layout == DISTRIBUTED_LAYOUT:
+            # Saved by a sharded save: modules and optimizers by parameter name. The other parts
+            # are restored first (all or none), then these through torch's loaders.
+            for name in distributed_parts(self._parts):
+                del others[name]
+        ready = {n: fit(obj, state[n], f"{where}part {n!r}") for n, obj in others.items()}
+        _restore_all(others, ready, state["rng"] if self.rng else None, where)
+        if layout == DISTRIBUTED_LAYOUT:
+            restore_distributed(self._parts, state, where)
         if self.rng:
             # The uninterrupted run drew nothing from the global generator between this point
             # and the next batch of the epoch in progress; a sampler resumed there checks that.

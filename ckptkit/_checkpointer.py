@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from ckptkit._async import PendingSave
@@ -18,7 +18,7 @@ from ckptkit._policy import Decision, StoppingPolicy
 from ckptkit._preemption import PreemptionGuard
 from ckptkit._record import CheckpointRecord
 from ckptkit._retention import RetentionPolicy
-from ckptkit._store import CheckpointStore
+from ckptkit._store import CheckpointStore, StepSelector
 from ckptkit._validate import check_step
 
 #: Metadata key under which the checkpointer keeps its own state (the policy's) in each record.
@@ -130,6 +130,13 @@ class Checkpointer:
         self._best_window: tuple[int, int | None] = (0, None)
         self._overwrite_after: int | None = None
         self._preempted = False
+        #: An adapter's own save and load of the state (a sharded save, which every rank of a
+        #: distributed run joins): (step, metrics, metadata, overwrite) -> the committed record,
+        #: and (step, fallback) -> the record loaded into the state.
+        self._save_hook: (
+            Callable[[int, Mapping[str, Any] | None, dict[str, Any], bool], CheckpointRecord] | None
+        ) = None
+        self._restore_hook: Callable[[StepSelector, bool], CheckpointRecord] | None = None
 
     def resume(self, *, fallback: bool = True) -> int:
         """Restore the latest checkpoint into the state and the policy; return the next step.
@@ -142,12 +149,11 @@ class Checkpointer:
         latest = self.store.latest()
         if latest is None:
             return 0
-        loaded = self.store.load_checkpoint(None, fallback=fallback)
-        self._load_state(loaded.state, loaded.record)
+        record = self._restore(None, fallback=fallback)
         if self.policy is not None:
             best = self._best_record(self.store.records())
             self._best = None if best is None else (self._value(best), best.step)
-            saved = self._saved_policy_state(loaded.record)
+            saved = self._saved_policy_state(record)
             if saved is not None:
                 try:
                     self.policy.load_state_dict(saved)
@@ -156,15 +162,15 @@ class Checkpointer:
                         raise
                     raise CorruptCheckpointError(
                         f"{self.store.root}: the stopping state saved with step "
-                        f"{loaded.record.step} is malformed: {e}"
+                        f"{record.step} is malformed: {e}"
                     ) from e
             self._protect_best()
         # After a fallback past corrupt checkpoints, the loop re-runs their steps: let its
         # saves replace them instead of failing on "already committed".
-        self._overwrite_after = loaded.record.step if loaded.record.step < latest.step else None
-        self.store.protect(loaded.record.step)
-        self.resumed_from = loaded.record
-        return loaded.record.step + 1
+        self._overwrite_after = record.step if record.step < latest.step else None
+        self.store.protect(record.step)
+        self.resumed_from = record
+        return record.step + 1
 
     @property
     def should_stop(self) -> bool:
@@ -253,8 +259,12 @@ class Checkpointer:
         if self.policy is not None:
             meta[RESERVED_METADATA_KEY] = {"policy": self.policy.state_dict()}
         overwrite = self._overwrite_after is not None and step > self._overwrite_after
-        save = self.store.save if self.blocking else self.store.save_async
-        result = save(step, self._state_dict(), metrics, meta, overwrite=overwrite)
+        result: CheckpointRecord | PendingSave
+        if self._save_hook is not None:
+            result = self._save_hook(step, metrics, meta, overwrite)
+        else:
+            save = self.store.save if self.blocking else self.store.save_async
+            result = save(step, self._state_dict(), metrics, meta, overwrite=overwrite)
         if self._is_new_best(metrics):
             assert self.policy is not None and metrics is not None
             self._best = (float(metrics[self.policy.monitor]), step)
@@ -296,7 +306,13 @@ class Checkpointer:
                 f"{self.store.root}: no committed checkpoint has a finite {monitor!r} metric, "
                 "so there is no best checkpoint to restore"
             )
-        loaded = self.store.load_checkpoint(best.step)
+        return self._restore(best.step, fallback=False)
+
+    def _restore(self, step: StepSelector, *, fallback: bool) -> CheckpointRecord:
+        """Load a checkpoint into the state; return its record."""
+        if self._restore_hook is not None:
+            return self._restore_hook(step, fallback)
+        loaded = self.store.load_checkpoint(step, fallback=fallback)
         self._load_state(loaded.state, loaded.record)
         return loaded.record
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, MutableMapping, MutableSequence
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,12 +281,12 @@ def place(tree: Any, index: ShardIndex, arrays: Mapping[str, Any], *, source: st
     """Put each sharded tensor into the state tree at its path, where ``state.json`` has null."""
     for key, value in arrays.items():
         path = index.tensors[key].path
-        node = tree
+        node: Any = tree
         try:
             for part in path[:-1]:
                 node = node[part]
-            last = path[-1]
-            if not isinstance(node, (MutableMapping, MutableSequence)) or node[last] is not None:
+            last: Any = path[-1]
+            if not isinstance(node, (MutableMapping, list)) or node[last] is not None:
                 raise KeyError(last)
             node[last] = value
         except (KeyError, IndexError, TypeError):

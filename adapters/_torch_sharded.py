@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from ckptkit._errors import ConfigMismatchError
 
@@ -92,9 +94,14 @@ def get_part(module: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
 
 
 def set_part(module: torch.nn.Module, optimizer: Any, state: Mapping[str, Any]) -> None:
-    """Load a module's or an optimizer's state given in the distributed layout."""
+    """Load a module's or an optimizer's state given in the distributed layout.
+
+    Whole tensors (a sharded checkpoint read whole by the core) load into a sharded module
+    too: every rank holds them all, and torch keeps each rank's part.
+    """
+    options = StateDictOptions(full_state_dict=_is_sharded(module) and not _has_dtensor(state))
     if optimizer is None:
-        result = set_model_state_dict(module, dict(state))
+        result = set_model_state_dict(module, dict(state), options=options)
         bad = [*result.missing_keys, *result.unexpected_keys]
         if bad:
             raise ConfigMismatchError(
@@ -102,7 +109,21 @@ def set_part(module: torch.nn.Module, optimizer: Any, state: Mapping[str, Any]) 
                 f"unexpected {result.unexpected_keys}"
             )
     else:
-        set_optimizer_state_dict(module, optimizer, dict(state))
+        set_optimizer_state_dict(module, optimizer, dict(state), options=options)
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _has_dtensor(value: Any) -> bool:
+    if isinstance(value, DTensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_has_dtensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_dtensor(v) for v in value)
+    return False
 
 
 def strip(value: Any, path: Path, tensors: dict[str, torch.Tensor], paths: dict[str, Path]) -> Any:

@@ -42,7 +42,7 @@ def free_port() -> int:
         return port
 
 
-def launch(*args: str, world: int = 2) -> list[dict[str, Any]]:
+def launch(*args: str, world: int = 2, worker: Path = WORKER) -> list[dict[str, Any]]:
     """Run ``world`` worker ranks to the end; return each rank's JSON result, by rank.
 
     Every wait is bounded: a rank still running after ``TIMEOUT`` seconds (a hang at a
@@ -57,7 +57,7 @@ def launch(*args: str, world: int = 2) -> list[dict[str, Any]]:
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
+            [sys.executable, str(worker), *args],
             env={**env, "RANK": str(rank)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -64,6 +64,14 @@ class DistributedCheckpointer:
       comes back as rank 0's on every rank after a resume; seed such state from the rank and
       the epoch instead of saving it, or keep it out of ``state``.
 
+    With ``sharded=True`` every rank writes instead, for models whose state is split across
+    ranks (FSDP2 ``fully_shard``, ``DTensor``): the modules' and optimizers' tensors are saved
+    by every rank through ``torch.distributed.checkpoint`` into its own safetensors file, the
+    rest by rank 0, and rank 0 commits one manifest listing them all. Every rank then runs
+    the policy on rank 0's ``metrics`` and joins each save; loads reshard to this run's layout
+    (a checkpoint saved on N ranks resumes on M). ``state`` must be a ``TorchState``. See
+    ``docs/how-to/fsdp.md``.
+
     Args:
         store: the store, opened on every rank.
         policy: the stopping policy (the same options on every rank), or None to only save.
@@ -71,6 +79,8 @@ class DistributedCheckpointer:
         group: the process group; None for the default (world) group.
         save_every: save every this many steps (as :class:`~ckptkit.Checkpointer`).
         save_best_only: save only new bests (as :class:`~ckptkit.Checkpointer`).
+        sharded: every rank writes its own shards (above); False, the default: rank 0 writes
+            the whole state.
 
     Raises:
         DistributedCheckpointError: torch.distributed is not initialized, or this process is

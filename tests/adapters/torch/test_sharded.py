@@ -164,3 +164,14 @@ def test_the_cli_lists_and_verifies_a_sharded_checkpoint(
             shown = capsys.readouterr().out
             assert shard_file_name(world - 1) in shown
             assert "model.0.weight" in shown
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_sharded_save_of_cuda_shards_over_nccl_loads_on_the_cpu(tmp_path: Path) -> None:
+    """FSDP2 on the GPU with NCCL saves its CUDA shards; a CPU-only process loads them exactly."""
+    world = min(2, torch.cuda.device_count())
+    trained, loaded = tmp_path / "trained.npz", tmp_path / "loaded.npz"
+    run(world, "train", str(tmp_path / "run"), str(trained), "--steps", "0", "3", "--cuda")
+    run(1, "load", str(tmp_path / "run"), str(loaded))
+    assert_same(trained, loaded)

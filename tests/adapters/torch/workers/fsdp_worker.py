@@ -30,13 +30,14 @@ from ckptkit.adapters._torch_dist import DistributedCheckpointer
 from ckptkit.adapters.torch import TorchState
 
 
-def build(distributed: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(distributed: bool, device: str = "cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     # Odd sizes: 30 rows over 4 ranks is 8+8+8+6, 5 rows is 2+2+1+0.
     model = torch.nn.Sequential(
         torch.nn.Linear(8, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5), torch.nn.LayerNorm(5)
     )
     model.register_buffer("seen", torch.zeros(3, dtype=torch.int64))
+    model.to(device)
     if distributed:
         from torch.distributed.fsdp import fully_shard
 
@@ -48,9 +49,9 @@ def build(distributed: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(16, 8, generator=g), torch.randn(16, 5, generator=g)
+    return torch.randn(16, 8, generator=g).to(device), torch.randn(16, 5, generator=g).to(device)
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, distributed: bool) -> Any:
@@ -91,14 +92,18 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, nargs=2, default=(0, 0))
     parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--crash-at", type=int, default=None)
+    parser.add_argument("--cuda", action="store_true", help="NCCL and FSDP2 on the GPU")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    distributed = world > 1
+    distributed = world > 1 or args.cuda
+    device = "cpu"
+    if args.cuda:
+        device = f"cuda:{int(os.environ.get('RANK', '0')) % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
     if distributed:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if args.cuda else "gloo")
     try:
-        model, optimizer = build(distributed)
+        model, optimizer = build(distributed, device)
         state = TorchState(model=model, optimizer=optimizer)
         store = CheckpointStore(args.root, keep_last=3)
         policy = StoppingPolicy(monitor="loss", patience=100)
@@ -117,7 +122,7 @@ def main() -> None:
             start = ckpt.resume()
             assert start == args.steps[0], (start, args.steps)
             for step in range(*args.steps):
-                x, y = batch(step)
+                x, y = batch(step, device)
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 optimizer.zero_grad()
                 loss.backward()

@@ -27,6 +27,7 @@ from ckptkit.bench._report import (
     write_json,
 )
 from ckptkit.bench._s3 import run_s3
+from ckptkit.bench._sharded import run_sharded
 from ckptkit.bench._small import run_observe, run_small
 from ckptkit.bench._timing import Progress
 
@@ -76,6 +77,24 @@ def _parser() -> argparse.ArgumentParser:
         help="also save and load each large state to moto's S3 server, started on 127.0.0.1, "
         "against boto3's upload_file and download_file (needs the s3 extra and moto[server])",
     )
+    p.add_argument(
+        "--sharded",
+        action="store_true",
+        help="instead: FSDP2 sharded saves and loads on CPU ranks (gloo), ckptkit's "
+        "DistributedCheckpointer(sharded=True) against torch.distributed.checkpoint's "
+        "FileSystemWriter/Reader and raw write+fsync (needs torch)",
+    )
+    p.add_argument(
+        "--sharded-size",
+        default="1g",
+        help="float32 parameters of the --sharded model (default %(default)s)",
+    )
+    p.add_argument(
+        "--sharded-ranks",
+        type=int,
+        default=2,
+        help="processes the --sharded model is sharded over (default %(default)s)",
+    )
     return p
 
 
@@ -96,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None and args.rounds < 1:
         print("error: --rounds must be at least 1", file=sys.stderr)
         return 2
+    if args.sharded:
+        return run_sharded(args, argv)
     spec = args.sizes or ("4m,small" if args.quick else "1g,100m,small")
     try:
         sizes = [parse_size(s) for s in spec.split(",") if s.strip()]

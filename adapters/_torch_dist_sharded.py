@@ -62,6 +62,31 @@ class _Corrupt(Exception):
     """Some rank found the checkpoint corrupt; every rank raises this together."""
 
 
+def _failures(e: CheckpointException) -> dict[int, BaseException]:
+    """Each failed rank's exception (DCP keeps them as (exception, traceback) pairs)."""
+    out = {}
+    for rank, failure in e.failures.items():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        out[rank] = exc if isinstance(exc, BaseException) else RuntimeError(str(exc))
+    return out
+
+
+def _from_dcp(e: CheckpointException, what: str, rank: int) -> Exception:
+    """DCP's error (a ``BaseException``, which ``except Exception`` misses) as an Exception.
+
+    This rank's own exception when it failed itself; otherwise a ``DistributedCheckpointError``
+    naming the ranks that failed and why.
+    """
+    from ._torch_dist import DistributedCheckpointError
+
+    failures = _failures(e)
+    own = failures.get(rank)
+    if isinstance(own, Exception):
+        return own
+    listed = "; ".join(f"rank {r}: {_describe(exc)}" for r, exc in sorted(failures.items()))
+    return DistributedCheckpointError(f"{what} failed on another rank ({listed})")
+
+
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -136,7 +161,10 @@ class ShardedIO:
         """Run DCP's save into ``writer``; on rank 0 also write the index; return the entries."""
         owner = self._owner
         shard_writer = ShardWriter(writer, owner.rank)
-        dcp_save(captured.tensors, storage_writer=shard_writer, process_group=owner.group)
+        try:
+            dcp_save(captured.tensors, storage_writer=shard_writer, process_group=owner.group)
+        except CheckpointException as e:
+            raise _from_dcp(e, "writing the shards", owner.rank) from e
         if owner.rank != 0:
             return ()
         assert shard_writer.metadata is not None and shard_writer.results is not None
@@ -224,10 +252,11 @@ class ShardedIO:
             try:
                 dcp_load(target.tensors, storage_reader=reader, process_group=owner.group)
             except CheckpointException as e:
-                failures = list(e.failures.values())
-                if any(_is_corrupt(getattr(f, "exc", f)) for f in failures):
-                    raise _Corrupt(f"{where}: {e}") from e
-                raise
+                failures = _failures(e)
+                corrupt = [f"rank {r}: {x}" for r, x in sorted(failures.items()) if _is_corrupt(x)]
+                if corrupt:
+                    raise _Corrupt("; ".join(corrupt)) from e
+                raise _from_dcp(e, f"loading step {record.step}", owner.rank) from e
         finally:
             if files is not None:
                 files.close()

@@ -723,3 +723,20 @@ def test_a_damaged_shard_is_caught_on_every_backend(backend: Backend) -> None:
         warnings.simplefilter("always")
         assert_same_state(first, store.load(fallback=True))
     assert [type(w.message) for w in caught] == [FallbackWarning]
+
+
+def test_a_failure_after_the_ranks_wrote_leaves_no_files_on_any_backend(backend: Backend) -> None:
+    """A save whose extra fails after every rank wrote its shard leaves no checkpoint behind."""
+    store = backend.store()
+    save(store, 1)
+    names = backend.checkpoint_names()
+    writes = shard_files(store._storage, tensors_of(sharded_state(2)))
+
+    def extra(writer: CheckpointWriter) -> tuple[FileEntry, ...]:
+        writes(writer)
+        raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        store._save_with_files(2, {"x": None}, None, None, extra)
+    assert backend.checkpoint_names() == names
+    assert [r.step for r in backend.store().records()] == [1]

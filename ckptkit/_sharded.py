@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +116,9 @@ def decode_index(data: bytes | bytearray | memoryview, *, source: str) -> ShardI
         raise CorruptCheckpointError(f"{source}: not valid JSON ({e})") from None
     try:
         return _index_from_json(doc)
-    except (ValueError, TypeError, KeyError) as e:
+    except KeyError as e:
+        raise CorruptCheckpointError(f"{source}: a required field is missing: {e}") from None
+    except (ValueError, TypeError) as e:
         raise CorruptCheckpointError(f"{source}: {e}") from None
 
 
@@ -167,6 +169,8 @@ def _tensor_from_json(key: str, entry: dict[str, Any]) -> ShardedTensor:
     except Exception:
         raise ValueError(f"{where}: dtype {dtype!r} is not a safetensors dtype") from None
     shape = _int_list(entry["shape"], f"{where}: shape")
+    if not isinstance(entry["chunks"], list):
+        raise TypeError(f"{where}: 'chunks' must be a list")
     chunks = []
     covered = 0
     for i, c in enumerate(entry["chunks"]):
@@ -185,11 +189,50 @@ def _tensor_from_json(key: str, entry: dict[str, Any]) -> ShardedTensor:
             raise TypeError(f"{where}: chunk {i} name {name!r} is not a string")
         covered += math.prod(sizes)
         chunks.append(ShardChunk(offsets=offsets, sizes=sizes, file=file, name=name))
+    overlap = _overlap(chunks)
+    if overlap is not None:
+        raise ValueError(f"{where}: chunks {overlap[0]} and {overlap[1]} overlap")
+    # Disjoint boxes inside the shape that hold as many elements as it has cover it exactly.
     if covered != math.prod(shape):
         raise ValueError(
             f"{where}: its chunks hold {covered} elements, its shape {shape} has {math.prod(shape)}"
         )
     return ShardedTensor(key=key, path=tuple(path), dtype=dtype, shape=shape, chunks=tuple(chunks))
+
+
+def _overlap(chunks: list[ShardChunk]) -> tuple[int, int] | None:
+    """The positions of two chunks that share an element, or None when they are disjoint.
+
+    Without this check, two chunks over the same box would make up the element count of a
+    tensor whose other box no chunk covers, and loading it would return uninitialised memory.
+    A sweep along dim 0 compares only chunks whose rows meet, so chunks split by rows cost
+    a sort, not a comparison of every pair.
+    """
+    boxes = sorted(
+        (c.offsets[:1] or (0,), i) for i, c in enumerate(chunks) if all(s > 0 for s in c.sizes)
+    )
+    active: list[int] = []
+    for (start,), i in boxes:
+        box = chunks[i]
+        active = [j for j in active if _end(chunks[j], 0) > start]
+        for j in active:
+            other = chunks[j]
+            if all(
+                a < b + m and b < a + n
+                for a, n, b, m in zip(
+                    box.offsets, box.sizes, other.offsets, other.sizes, strict=True
+                )
+            ):
+                return min(i, j), max(i, j)
+        active.append(i)
+    return None
+
+
+def _end(chunk: ShardChunk, dim: int) -> int:
+    """Where a chunk ends along ``dim`` (a 0-d chunk spans one element)."""
+    if not chunk.offsets:
+        return 1
+    return chunk.offsets[dim] + chunk.sizes[dim]
 
 
 def read_index(
@@ -285,8 +328,12 @@ def place(tree: Any, index: ShardIndex, arrays: Mapping[str, Any], *, source: st
         try:
             for part in path[:-1]:
                 node = node[part]
-            last: Any = path[-1]
-            if not isinstance(node, (MutableMapping, list)) or node[last] is not None:
+            last = path[-1]
+            # A dict's keys are strings and a list's are indexes: "0" names no list item.
+            fits = (isinstance(node, MutableMapping) and isinstance(last, str)) or (
+                isinstance(node, MutableSequence) and isinstance(last, int)
+            )
+            if not fits or node[last] is not None:
                 raise KeyError(last)
             node[last] = value
         except (KeyError, IndexError, TypeError):

@@ -241,7 +241,7 @@ class GCSStorage(Storage):
     def join_checkpoint(self, name: str) -> CheckpointWriter:
         if not CHECKPOINT_DIR.fullmatch(name):
             raise ValueError(f"{name!r} is not the name of a checkpoint being written")
-        return GCSCheckpointWriter(self, name)
+        return GCSCheckpointWriter(self, name, joined=True)
 
     def open_checkpoint(self, directory: str) -> CheckpointFiles:
         """Open a checkpoint after one listing says something is under its prefix."""

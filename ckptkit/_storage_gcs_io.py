@@ -182,9 +182,10 @@ class GCSSink:
 
 
 class GCSCheckpointWriter(CheckpointWriter):
-    def __init__(self, storage: GCSStorage, name: str) -> None:
+    def __init__(self, storage: GCSStorage, name: str, *, joined: bool = False) -> None:
         self._s = storage
         self.name = name
+        self._joined = joined
         self._sinks: dict[str, GCSSink] = {}
 
     def create(self, name: str) -> GCSSink:
@@ -204,7 +205,12 @@ class GCSCheckpointWriter(CheckpointWriter):
         for sink in self._sinks.values():
             if not sink.done:
                 sink.abort()
-        self._s.delete_keys(self._s.key(self.name, n) for n, s in self._sinks.items() if s.done)
+        keys = {self._s.key(self.name, n) for n, s in self._sinks.items() if s.done}
+        if not self._joined:
+            # The files other ranks added through join_checkpoint too: the prefix is this
+            # writer's alone, and left behind they would wait for the sweep's grace period.
+            keys.update(self._s.list_keys(self._s.key(self.name) + "/"))
+        self._s.delete_keys(sorted(keys))
 
 
 def metadata(s: GCSStorage, key: str) -> tuple[int, int]:

@@ -68,10 +68,10 @@ def _plain_name(name: str) -> str:
 
 
 class _S3CheckpointWriter(CheckpointWriter):
-    # A joined writer differs in nothing: its abort, too, deletes only the objects it made.
     def __init__(self, storage: S3Storage, name: str, *, joined: bool = False) -> None:
         self._s = storage
         self.name = name
+        self._joined = joined
         self._sinks: dict[str, S3Sink] = {}
 
     def create(self, name: str) -> S3Sink:
@@ -91,7 +91,12 @@ class _S3CheckpointWriter(CheckpointWriter):
         for sink in self._sinks.values():
             if not sink.done:
                 sink.abort()
-        self._s.delete_objects(self._s.key(self.name, n) for n, s in self._sinks.items() if s.done)
+        keys = {self._s.key(self.name, n) for n, s in self._sinks.items() if s.done}
+        if not self._joined:
+            # The files other ranks added through join_checkpoint too: the prefix is this
+            # writer's alone, and left behind they would wait for the sweep's grace period.
+            keys.update(self._s.list_keys(self._s.key(self.name) + "/"))
+        self._s.delete_objects(sorted(keys))
 
 
 class _S3Range(RangeReader):

@@ -38,10 +38,19 @@ from ckptkit import (
 )
 from ckptkit._fsio import CHECKSUM_ALGORITHM, new_hasher
 from ckptkit._fsread import file_checksum, read_verified
-from ckptkit._manifest import CHECKSUM_FORMS, FORMAT_VERSION, dumps, loads
+from ckptkit._manifest import _PLAIN_FORMAT_VERSION as PLAIN_FORMAT_VERSION
+from ckptkit._manifest import (
+    CHECKSUM_FORMS,
+    FORMAT_VERSION,
+    SHARD_INDEX,
+    dumps,
+    loads,
+    shard_file_name,
+)
 from ckptkit._safetensors import _CODE_TO_NAME, numpy_dtype
 from ckptkit._safetensors_read import parse_safetensors
 from ckptkit._tree import flatten_state
+from tests.helpers.sharded import Tensors, save_sharded
 from tests.strategies import assert_same_state, floats_any_bits, keys, state_trees
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,10 +63,12 @@ GOLDEN_DIRS = {
 GOLDEN_V1 = GOLDEN_DIRS[1]
 GOLDEN_CURRENT = GOLDEN_DIRS.get(FORMAT_VERSION, DATA / f"format_v{FORMAT_VERSION}")
 #: The checksum algorithm each format version's writer used for every file.
-GOLDEN_CHECKSUM_ALGORITHMS = {1: "sha256", 2: "xxh3_128"}
+GOLDEN_CHECKSUM_ALGORITHMS = {1: "sha256", 2: "xxh3_128", 3: "xxh3_128"}
 MANIFEST_SCHEMA = json.loads((REPO / "docs" / "manifest.schema.json").read_text("utf-8"))
 STATE_SCHEMA = json.loads((REPO / "docs" / "state.schema.json").read_text("utf-8"))
 CHECKPOINT_FILES = ("arrays.safetensors", "state.json")
+#: The files a golden sharded checkpoint has besides those: two ranks' shards and the index.
+SHARDED_FILES = (shard_file_name(0), shard_file_name(1), SHARD_INDEX)
 
 # -- the inputs of the golden stores (frozen: the golden bytes depend on them) ----------------------
 
@@ -194,6 +205,48 @@ def golden_metadata(step: int) -> dict[str, Any]:
     }
 
 
+#: The paths of the tensors a golden sharded checkpoint splits across two ranks' files.
+GOLDEN_SHARDED_PATHS: tuple[tuple[str | int, ...], ...] = (
+    ("sharded", "w"),
+    ("sharded", "layers", 0, "bias"),
+    ("sharded", "layers", 1),
+    ("sharded", "a.b"),
+    ("sharded", "mask"),
+    ("sharded", "empty"),
+)
+
+
+def golden_sharded_state(step: int) -> dict[str, Any]:
+    """The state saved at ``step`` in a sharded golden checkpoint: the golden state and more.
+
+    The ``sharded`` subtree's arrays are split along dim 0 across two ranks: 5 rows as 3 and 2,
+    4 as 2 and 2, 1 as 1 and none, 0 rows as no chunk at all.
+    """
+    state = golden_state(step)
+    state["sharded"] = {
+        "w": (np.arange(15, dtype=np.float32).reshape(5, 3) - 7.5) * (step + 1),
+        "layers": [
+            {"bias": _from_bits([0x3F80, 0xC020, 0x7FC1, 0x8000], np.uint16, ml_dtypes.bfloat16)},
+            np.array([[step, -(2**62)]], dtype=np.int64),
+        ],
+        "a.b": np.arange(12, dtype=np.uint8).reshape(3, 2, 2) + step % 7,
+        "mask": np.array([True, False, True]),
+        "empty": np.zeros((0, 4), dtype=np.float16),
+    }
+    return state
+
+
+def _at(tree: Any, path: tuple[str | int, ...]) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def golden_sharded_tensors(state: Any) -> Tensors:
+    """The sharded tensors of a golden sharded state, by path."""
+    return {path: _at(state, path) for path in GOLDEN_SHARDED_PATHS}
+
+
 def build_golden_store(root: Path) -> CheckpointStore:
     """Write the golden store's checkpoints into ``root``, in a fixed order of operations."""
     store = CheckpointStore(root)
@@ -210,12 +263,48 @@ def build_golden_store(root: Path) -> CheckpointStore:
     return store
 
 
+def build_sharded_golden_store(root: Path) -> CheckpointStore:
+    """:func:`build_golden_store`, with steps 7 and 10**12 saved sharded across two ranks.
+
+    The shard files and ``shards.json`` are written through the save's ``extra`` hook as a
+    distributed save writes them (rank 1 joins the checkpoint), with the core alone.
+    """
+    store = CheckpointStore(root)
+    store.save(0, golden_state(0), metrics=GOLDEN_METRICS[0], metadata=golden_metadata(0))
+    store.save(7, {"draft": True}, metrics={"loss": 9.0})  # overwritten below: step_...7.1
+    for step in GOLDEN_STEPS[1:]:
+        state = golden_sharded_state(step)
+        save_sharded(
+            store,
+            step,
+            state,
+            golden_sharded_tensors(state),
+            metrics=GOLDEN_METRICS[step],
+            metadata=golden_metadata(step),
+            overwrite=step == 7,
+        )
+    store.pin(0)
+    return store
+
+
 #: The builder of each format version's golden store, for tests/data/make_golden.py. Version 2
-#: changed only the checksum algorithm, so it saves the same checkpoints as version 1.
+#: changed only the checksum algorithm, so it saves the same checkpoints as version 1; version 3
+#: added sharded checkpoints, and saves two of the three sharded.
 GOLDEN_BUILDERS: dict[int, Callable[[Path], CheckpointStore]] = {
     1: build_golden_store,
     2: build_golden_store,
+    3: build_sharded_golden_store,
 }
+#: The sharded steps of each format version's golden store.
+GOLDEN_SHARDED_STEPS: dict[int, tuple[int, ...]] = {1: (), 2: (), 3: GOLDEN_STEPS[1:]}
+
+
+def golden_loaded_state(version: int, step: int) -> dict[str, Any]:
+    """The tree that ``step`` of the golden store of ``version`` loads as."""
+    if step in GOLDEN_SHARDED_STEPS[version]:
+        return golden_sharded_state(step)
+    return golden_state(step)
+
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -234,6 +323,16 @@ def _without_created(manifest: bytes) -> bytes:
 
 def _checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def _version(golden_dir: Path) -> int:
+    return int(golden_dir.name.removeprefix("format_v"))
+
+
+def _golden_files(version: int, step: int) -> tuple[str, ...]:
+    """The files, in the manifest's order, of ``step`` in the golden store of ``version``."""
+    sharded = step in GOLDEN_SHARDED_STEPS[version]
+    return CHECKPOINT_FILES + (SHARDED_FILES if sharded else ())
 
 
 def _manifest_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -267,11 +366,17 @@ def test_every_format_version_has_a_golden_store_and_a_builder() -> None:
 
 @every_golden_dir
 def test_golden_store_holds_only_committed_files_and_is_small(golden_dir: Path) -> None:
-    """The golden directory has the manifest and three checkpoints of two files, no lock, < 100 KB."""
+    """The golden directory has the manifest and three checkpoints of their files, no lock, < 100 KB.
+
+    Each checkpoint has the two fixed files, and a sharded one two shard files and the index.
+    """
+    version = _version(golden_dir)
     names = sorted(str(p.relative_to(golden_dir)) for p in golden_dir.rglob("*"))
     dirs = ["step_000000000000", "step_000000000007.1", "step_1000000000000"]
     expected = ["manifest.json"] + [
-        f"{d}{suffix}" for d in dirs for suffix in ("", *(f"/{f}" for f in CHECKPOINT_FILES))
+        f"{d}{suffix}"
+        for d, step in zip(dirs, GOLDEN_STEPS, strict=True)
+        for suffix in ("", *(f"/{f}" for f in _golden_files(version, step)))
     ]
     assert names == sorted(expected)
     assert sum(p.stat().st_size for p in golden_dir.rglob("*") if p.is_file()) < 100_000
@@ -281,11 +386,12 @@ def test_golden_checkpoints_load_exactly(golden: Path) -> None:
     """Every golden step loads to the tree it was saved from: types, dtypes, shapes, bits."""
     store = CheckpointStore(golden)
     for step in GOLDEN_STEPS:
-        assert_same_state(golden_state(step), store.load(step))
+        assert_same_state(golden_loaded_state(_version(golden), step), store.load(step))
 
 
 def test_golden_records_keep_steps_pins_metrics_and_metadata(golden: Path) -> None:
     """The golden manifest reads back as the records the store committed, NaN metrics included."""
+    version = _version(golden)
     records = CheckpointStore(golden).records()
     assert [r.step for r in records] == list(GOLDEN_STEPS)
     assert [r.directory for r in records] == [
@@ -301,7 +407,8 @@ def test_golden_records_keep_steps_pins_metrics_and_metadata(golden: Path) -> No
             got = record.metrics[name]
             assert struct.pack("<d", got) == struct.pack("<d", value), (record.step, name)
         assert_same_state(golden_metadata(record.step), dict(record.metadata))
-        assert [f.name for f in record.files] == list(CHECKPOINT_FILES)
+        assert [f.name for f in record.files] == list(_golden_files(version, record.step))
+        assert record.sharded is (record.step in GOLDEN_SHARDED_STEPS[version])
         assert isinstance(record.created, float) and record.created > 0
 
 
@@ -316,7 +423,7 @@ def test_golden_checkpoints_load_exactly_when_memory_mapped(golden: Path) -> Non
     """A memory-mapped load checks each golden file's checksum with its own algorithm too."""
     store = CheckpointStore(golden)
     for step in GOLDEN_STEPS:
-        assert_same_state(golden_state(step), store.load(step, mmap=True))
+        assert_same_state(golden_loaded_state(_version(golden), step), store.load(step, mmap=True))
         assert set(store.read_arrays(step, verify=True)) == set(store.tensor_info(step))
 
 
@@ -325,7 +432,7 @@ def test_golden_checksums_are_their_versions_algorithm_over_the_whole_file(
     golden_dir: Path,
 ) -> None:
     """Each golden checksum is the writer's algorithm of its time, over the file's bytes."""
-    version = int(golden_dir.name.removeprefix("format_v"))
+    version = _version(golden_dir)
     algorithm = GOLDEN_CHECKSUM_ALGORITHMS[version]
     independent = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}[algorithm]
     manifest = json.loads((golden_dir / "manifest.json").read_bytes())
@@ -378,7 +485,10 @@ def _v1_store(tmp_path: Path) -> Path:
 def test_saving_into_a_v1_store_writes_v2_and_keeps_the_old_sha256_checksums(
     tmp_path: Path,
 ) -> None:
-    """A v1 store saved into gets a current manifest; its old records keep sha256 and still load."""
+    """A v1 store saved into gets a v2 manifest; its old records keep sha256 and still load.
+
+    Version 2 is the newest a store without sharded checkpoints is written as.
+    """
     root = _v1_store(tmp_path)
     old = json.loads((root / "manifest.json").read_bytes())
     store = CheckpointStore(root)
@@ -387,7 +497,7 @@ def test_saving_into_a_v1_store_writes_v2_and_keeps_the_old_sha256_checksums(
     assert all(f.checksum.startswith(f"{CHECKSUM_ALGORITHM}:") for f in new.files)
 
     manifest = json.loads((root / "manifest.json").read_bytes())
-    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["format_version"] == PLAIN_FORMAT_VERSION
     _validate(MANIFEST_SCHEMA, manifest)
     assert manifest["checkpoints"][:-1] == old["checkpoints"]
     assert all(e["checksum"].startswith("sha256:") for e in _manifest_files(old))
@@ -406,8 +516,9 @@ def test_a_damaged_file_of_a_sha256_record_is_still_caught_in_a_v2_store(tmp_pat
     """After a v1 store moves to v2, its sha256 records still catch a changed byte."""
     root = _v1_store(tmp_path)
     store = CheckpointStore(root)
-    store.unpin(0)  # rewrites the manifest as the current version
-    assert json.loads((root / "manifest.json").read_bytes())["format_version"] == FORMAT_VERSION
+    store.unpin(0)  # rewrites the manifest as version 2, the newest without sharded records
+    doc = json.loads((root / "manifest.json").read_bytes())
+    assert doc["format_version"] == PLAIN_FORMAT_VERSION
     path = root / "step_000000000007.1" / "arrays.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
@@ -467,7 +578,7 @@ def test_an_unknown_checksum_algorithm_or_length_is_refused(checksum: str) -> No
         loads(json.dumps(doc).encode(), path="manifest.json")
     assert str(info.value).endswith(
         f"checksum of state.json is {checksum!r}, not sha256:<64 hex digits> or "
-        "xxh3_128:<32 hex digits> (what manifest format_version 2 accepts)"
+        f"xxh3_128:<32 hex digits> (what manifest format_version {FORMAT_VERSION} accepts)"
     )
 
 
@@ -508,12 +619,14 @@ def test_writer_reproduces_the_golden_manifest_except_created(tmp_path: Path) ->
 
 
 def test_writer_reproduces_the_golden_checkpoint_files_byte_for_byte(tmp_path: Path) -> None:
-    """The same states give arrays.safetensors and state.json files identical to the golden ones."""
+    """The same states give checkpoint files (shards and index included) identical to the golden ones."""
     GOLDEN_BUILDERS[FORMAT_VERSION](tmp_path)
     written, golden = _checkpoint_dirs(tmp_path), _checkpoint_dirs(GOLDEN_CURRENT)
     assert [d.name for d in written] == [d.name for d in golden]
     for new, old in zip(written, golden, strict=True):
-        for name in CHECKPOINT_FILES:
+        names = sorted(p.name for p in old.iterdir())
+        assert sorted(p.name for p in new.iterdir()) == names
+        for name in names:
             assert (new / name).read_bytes() == (old / name).read_bytes(), f"{old.name}/{name}"
 
 
@@ -569,6 +682,10 @@ def _store_golden(root: Path) -> None:
     build_golden_store(root)
 
 
+def _store_golden_sharded(root: Path) -> None:
+    build_sharded_golden_store(root)
+
+
 def _store_with_retention(root: Path) -> None:
     store = CheckpointStore(root, keep_last=2, keep_best=1, monitor="val_loss", keep_every=4)
     for step in range(9):
@@ -594,7 +711,13 @@ def _store_of_an_empty_state(root: Path) -> None:
 
 @pytest.mark.parametrize(
     "make",
-    [_store_golden, _store_with_retention, _store_of_a_bare_array, _store_of_an_empty_state],
+    [
+        _store_golden,
+        _store_golden_sharded,
+        _store_with_retention,
+        _store_of_a_bare_array,
+        _store_of_an_empty_state,
+    ],
     ids=lambda f: f.__name__.removeprefix("_store_"),
 )
 def test_written_stores_match_the_schemas(tmp_path: Path, make: Callable[[Path], None]) -> None:
@@ -620,7 +743,7 @@ def _schema_keys(definition: dict[str, Any]) -> set[str]:
 
 def test_schema_names_exactly_the_keys_the_writer_writes(tmp_path: Path) -> None:
     """Every key the writer writes is described in the schema, and every described key is written."""
-    build_golden_store(tmp_path)
+    build_sharded_golden_store(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_bytes())
     defs = MANIFEST_SCHEMA["$defs"]
     assert set(manifest) == _schema_keys(MANIFEST_SCHEMA)
@@ -713,11 +836,36 @@ def _sha256_everywhere(doc: dict[str, Any]) -> None:
         entry["checksum"] = "sha256:" + hashlib.sha256(entry["checksum"].encode()).hexdigest()
 
 
+def _unsharded(doc: dict[str, Any]) -> None:
+    """Drop the shard files and index from every record, as if no checkpoint were sharded."""
+    for record in doc["checkpoints"]:
+        record["files"] = [f for f in record["files"] if f["name"] in CHECKPOINT_FILES]
+
+
+def _without_files(record: int, drop: Callable[[str], bool]) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        files = doc["checkpoints"][record]["files"]
+        doc["checkpoints"][record]["files"] = [f for f in files if not drop(f["name"])]
+
+    return mutate
+
+
+def _rename_file(record: int, old: str, new: str) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        for entry in doc["checkpoints"][record]["files"]:
+            if entry["name"] == old:
+                entry["name"] = new
+
+    return mutate
+
+
 _RECORD = ("checkpoints", 1)
 _FILE = (*_RECORD, "files", 0)
 _META = (*_RECORD, "metadata")
 _CHECKSUM = (*_FILE, "checksum")
 _VERSION_1 = _set(("format_version",), 1)
+_VERSION_2 = _set(("format_version",), 2)
+_SHARD_0 = shard_file_name(0)
 
 #: (id, change to the golden manifest, whether the reader accepts the result).
 MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], None], bool]] = [
@@ -766,13 +914,30 @@ MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], None], bool]] = [
     ("unknown-file", _set((*_FILE, "name"), "model.bin"), False),
     ("negative-size", _set((*_FILE, "size"), -1), False),
     ("sha256-checksum", _set(_CHECKSUM, "sha256:" + "0" * 64), True),
-    ("version-1-all-sha256", _then(_VERSION_1, _sha256_everywhere), True),
-    ("version-1-with-xxh3", _VERSION_1, False),
+    ("version-1-all-sha256", _then(_VERSION_1, _unsharded, _sha256_everywhere), True),
+    ("version-1-with-xxh3", _then(_VERSION_1, _unsharded), False),
     (
         "version-1-one-xxh3",
-        _then(_VERSION_1, _sha256_everywhere, _set(_CHECKSUM, "xxh3_128:" + "0" * 32)),
+        _then(_VERSION_1, _unsharded, _sha256_everywhere, _set(_CHECKSUM, "xxh3_128:" + "0" * 32)),
         False,
     ),
+    ("version-1-with-shard-files", _then(_VERSION_1, _sha256_everywhere), False),
+    ("version-2-unsharded", _then(_VERSION_2, _unsharded), True),
+    ("version-2-with-shard-files", _VERSION_2, False),
+    (
+        "version-2-with-only-an-index",
+        _then(_VERSION_2, _without_files(1, lambda name: name.startswith("shard_"))),
+        False,
+    ),
+    ("version-3-unsharded", _unsharded, True),
+    ("index-without-shard-files", _without_files(1, lambda name: name.startswith("shard_")), True),
+    ("shard-files-without-index", _without_files(1, lambda name: name == SHARD_INDEX), False),
+    ("one-shard-file", _without_files(1, lambda name: name == _SHARD_0), True),
+    ("long-shard-number", _rename_file(1, _SHARD_0, "shard_012345.safetensors"), True),
+    ("short-shard-number", _rename_file(1, _SHARD_0, "shard_0000.safetensors"), False),
+    ("shard-file-of-another-kind", _rename_file(1, _SHARD_0, "shard_00000.bin"), False),
+    ("signed-shard-number", _rename_file(1, _SHARD_0, "shard_-0001.safetensors"), False),
+    ("index-of-another-name", _rename_file(1, SHARD_INDEX, "shards.index.json"), False),
     ("md5-checksum", _set(_CHECKSUM, "md5:" + "0" * 32), False),
     ("xxh3_64-checksum", _set(_CHECKSUM, "xxh3_64:" + "0" * 16), False),
     ("uppercase-checksum", _set(_CHECKSUM, "sha256:" + "A" * 64), False),

@@ -29,6 +29,8 @@ checkpoint together (with ``fallback``) or raise.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,7 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from ckptkit._errors import CorruptCheckpointError
+from ckptkit._errors import CkptkitError, CorruptCheckpointError
 from ckptkit._manifest import SHARD_INDEX
 from ckptkit._manifest import dumps as dump_records
 from ckptkit._manifest import loads as load_records
@@ -91,6 +93,28 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+#: What a process group's collectives say when a peer process is gone (gloo, NCCL).
+_LOST_PEER = ("closed by peer", "reset by peer", "Broken pipe", "Timed out", "timed out")
+
+
+@contextmanager
+def _peers_answer(owner: DistributedCheckpointer, what: str) -> Iterator[None]:
+    """Turn a collective's error about a lost peer into a DistributedCheckpointError."""
+    from ._torch_dist import DistributedCheckpointError
+
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, CkptkitError) or not any(w in str(e) for w in _LOST_PEER):
+            raise
+        raise DistributedCheckpointError(
+            f"{what} of the store {owner.store.root}: another rank stopped answering ({e}). "
+            "Every committed checkpoint is intact (a save is committed only by rank 0's "
+            "manifest commit, all or nothing); restart every rank, and resume() continues from "
+            "the latest committed checkpoint"
+        ) from e
+
+
 class ShardedIO:
     """The sharded save and load of one :class:`DistributedCheckpointer`."""
 
@@ -104,6 +128,12 @@ class ShardedIO:
         self, step: int, metrics: Any, metadata: dict[str, Any], overwrite: bool
     ) -> CheckpointRecord:
         """Save on every rank together; every rank returns the committed record."""
+        with _peers_answer(self._owner, f"saving step {step}"):
+            return self._save(step, metrics, metadata, overwrite)
+
+    def _save(
+        self, step: int, metrics: Any, metadata: dict[str, Any], overwrite: bool
+    ) -> CheckpointRecord:
         owner = self._owner
         tree, captured = self._state._sharded_state()
         if owner.rank == 0:
@@ -184,6 +214,10 @@ class ShardedIO:
 
     def restore(self, step: StepSelector, fallback: bool) -> CheckpointRecord:
         """Load the chosen checkpoint into the state on every rank; return its record."""
+        with _peers_answer(self._owner, f"loading step={step!r}"):
+            return self._restore(step, fallback)
+
+    def _restore(self, step: StepSelector, fallback: bool) -> CheckpointRecord:
         owner = self._owner
         store = owner.store
 

@@ -184,7 +184,8 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint_late
     assert dead.returncode == KILLED, report(ranks)
     # The survivor noticed the lost peer and raised (a hang would have failed in launch).
     assert survivor.returncode == FAILED and survivor.result is not None, report(ranks)
-    assert "error" in survivor.result, report(ranks)
+    assert survivor.result.get("error") == "DistributedCheckpointError", report(ranks)
+    assert "another rank stopped answering" in survivor.result["message"], report(ranks)
     assert sorted(p.name for p in out.iterdir()) == ["step_0.npz", "step_1.npz"]
 
     store = CheckpointStore(root)

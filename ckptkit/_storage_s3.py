@@ -427,15 +427,20 @@ class S3Storage(Storage):
         if (now - upload["Initiated"]).total_seconds() < self.orphan_grace:
             return False
         try:
-            parts = self.client.list_parts(
+            # Every page of parts: a writer past its thousandth part is judged by its newest.
+            pages = self.client.get_paginator("list_parts").paginate(
                 Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-            ).get("Parts", [])
+            )
+            for page in pages:
+                for part in page.get("Parts", []):
+                    if (now - part["LastModified"]).total_seconds() < self.orphan_grace:
+                        return False
         except Exception as e:
             parts_of_error = error_parts(e)
             if parts_of_error is not None and parts_of_error[0] == "NoSuchUpload":
                 return False  # finished or aborted since the listing: nothing to do
             raise
-        return all((now - p["LastModified"]).total_seconds() >= self.orphan_grace for p in parts)
+        return True
 
     # -- object helpers (the writer, reader and sweep share them) -------------------------------
 

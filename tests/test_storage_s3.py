@@ -12,6 +12,7 @@ import threading
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -342,6 +343,36 @@ def test_sweep_aborts_unfinished_uploads_past_the_grace(s3_bucket):
     assert len(s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name)["Uploads"]) == 1
     _s3(s3_bucket, orphan_grace=0).sweep(None)
     assert not s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads")
+
+
+def test_an_upload_with_a_recent_part_past_the_first_page_of_parts_is_not_swept(
+    s3_bucket, monkeypatch
+):
+    """The sweep judges an old upload by its newest part on every page of parts, not the first."""
+    storage = _s3(s3_bucket, orphan_grace=3600)
+    now = datetime.now(timezone.utc)
+    old, recent = now - timedelta(days=2), now - timedelta(seconds=5)
+    pages = [
+        {"Parts": [{"PartNumber": n, "LastModified": old} for n in range(1, 1001)]},
+        {"Parts": [{"PartNumber": 1001, "LastModified": recent}]},
+    ]
+    asked = []
+
+    class Paginator:
+        def paginate(self, **kwargs: Any) -> list[dict[str, Any]]:
+            asked.append(kwargs)
+            return pages
+
+    monkeypatch.setattr(storage.client, "get_paginator", lambda name: Paginator())
+    upload = {
+        "Key": "store/step_000000000003.1/arrays.safetensors",
+        "UploadId": "u",
+        "Initiated": old,
+    }
+    assert not storage._upload_is_stale(upload, now)
+    assert asked == [{"Bucket": s3_bucket.name, "Key": upload["Key"], "UploadId": "u"}]
+    pages[1]["Parts"][0]["LastModified"] = old
+    assert storage._upload_is_stale(upload, now)
 
 
 def test_storage_options_follow_s3fs_and_unknown_ones_are_refused(s3_bucket):

@@ -233,13 +233,33 @@ class S3Storage(Storage):
     # -- the store as a whole ------------------------------------------------------------------
 
     def exists(self) -> bool:
-        """Whether the bucket exists (a prefix needs no creating)."""
+        """Whether the bucket exists (a prefix needs no creating).
+
+        Credentials limited to the store's prefix may not ``HeadBucket``: then a listing of
+        the prefix, which they may, answers instead.
+        """
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as e:
-            if is_missing(error_parts(e)):
+            parts = error_parts(e)
+            if is_missing(parts):
                 return False
+            if parts is not None and parts[1] == 403:
+                return self._prefix_listable()
             err = as_oserror(e, f"s3://{self.bucket}")
+            if err is None:
+                raise
+            raise err from e
+        return True
+
+    def _prefix_listable(self) -> bool:
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.key(""), MaxKeys=1)
+        except Exception as e:
+            parts = error_parts(e)
+            if parts is not None and parts[0] == "NoSuchBucket":
+                return False
+            err = as_oserror(e, self.url_of(self.key("")))
             if err is None:
                 raise
             raise err from e

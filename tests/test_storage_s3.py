@@ -375,6 +375,28 @@ def test_an_upload_with_a_recent_part_past_the_first_page_of_parts_is_not_swept(
     assert storage._upload_is_stale(upload, now)
 
 
+def test_credentials_that_may_not_head_the_bucket_still_open_the_store(s3_bucket, monkeypatch):
+    """HeadBucket refused (403, prefix-scoped credentials): a listing of the prefix decides."""
+    from botocore.exceptions import ClientError
+
+    storage = _s3(s3_bucket)
+    forbidden = {
+        "Error": {"Code": "403", "Message": "Forbidden"},
+        "ResponseMetadata": {"HTTPStatusCode": 403},
+    }
+
+    def head_bucket(**kwargs: Any) -> None:
+        raise ClientError(forbidden, "HeadBucket")
+
+    monkeypatch.setattr(storage.client, "head_bucket", head_bucket)
+    assert storage.exists()
+    missing = S3Storage(
+        f"s3://no-such-bucket-{uuid.uuid4().hex}/store", storage_options=s3_bucket.options
+    )
+    monkeypatch.setattr(missing.client, "head_bucket", head_bucket)
+    assert not missing.exists()
+
+
 def test_storage_options_follow_s3fs_and_unknown_ones_are_refused(s3_bucket):
     """key/secret/client_kwargs reach the client; an option it would ignore is a TypeError."""
     storage = _s3(s3_bucket)

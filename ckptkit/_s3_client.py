@@ -90,6 +90,14 @@ def as_oserror(e: BaseException, url: str) -> OSError | None:
         return FileNotFoundError(errno.ENOENT, f"{url}: the bucket does not exist (S3 {code})")
     if is_missing(parts):
         return FileNotFoundError(errno.ENOENT, f"{url}: no such object (S3 {code or status})")
+    if code in ("NoCredentialsError", "PartialCredentialsError"):
+        return PermissionError(
+            errno.EACCES,
+            f"{url}: no AWS credentials were found ({code}); pass storage_options="
+            "{'key': ..., 'secret': ...} (or {'profile': ...}, or {'anon': True} for a public "
+            "bucket), or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
+            "in the environment",
+        )
     if status == 403 or code in ("AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId"):
         return PermissionError(errno.EACCES, f"{url}: access denied (S3 {code or status})")
     if status == 0:

@@ -397,6 +397,22 @@ def test_credentials_that_may_not_head_the_bucket_still_open_the_store(s3_bucket
     assert not missing.exists()
 
 
+def test_missing_credentials_say_which_options_or_variables_to_set(s3_bucket, monkeypatch):
+    """Without any AWS credentials the error names the storage_options and the variables."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    options = {"client_kwargs": s3_bucket.options["client_kwargs"]}
+    storage = S3Storage(s3_bucket.url(), storage_options=options)
+    with pytest.raises(PermissionError) as caught:
+        storage.read_manifest(1 << 20)
+    message = str(caught.value)
+    assert "no AWS credentials were found" in message
+    assert "'key'" in message and "AWS_ACCESS_KEY_ID" in message and "anon" in message
+
+
 def test_storage_options_follow_s3fs_and_unknown_ones_are_refused(s3_bucket):
     """key/secret/client_kwargs reach the client; an option it would ignore is a TypeError."""
     storage = _s3(s3_bucket)

@@ -63,7 +63,7 @@ class JaxState:
     Raises:
         TypeError: a part is not a dict, list or NNX object, or ``sharding`` has a leaf that
             is not a Sharding, Device or None.
-        ValueError: nothing to hold, or a part is named ``rng`` while ``rng=True``.
+        ValueError: nothing to hold (no parts and ``rng=False``).
 
     Example:
         >>> train = {"params": params, "opt_state": tx.init(params), "key": jax.random.key(0)}
@@ -76,11 +76,6 @@ class JaxState:
             check_container(name, obj)
         if not parts and not rng:
             raise ValueError("JaxState() holds nothing: pass containers by name, or rng=True")
-        if rng and "rng" in parts:
-            raise ValueError(
-                "JaxState(rng=...) is the name of the generators' part with rng=True; give "
-                "your container another name"
-            )
         check_sharding(sharding)
         self.parts = dict(parts)
         self.rng = bool(rng)

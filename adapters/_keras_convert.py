@@ -70,6 +70,8 @@ def _tensor_to_numpy(tensor: Any) -> np.ndarray[Any, Any]:
             return np.asarray(tensor.numpy()).copy()
         except TypeError:  # bfloat16 and the float8s, which NumPy cannot take from torch
             return np.asarray(tensor.float().numpy())
+    if callable(getattr(tensor, "numpy", None)):  # TensorFlow's: np.array on them warns too
+        return np.asarray(tensor.numpy())
     return np.asarray(keras.ops.convert_to_numpy(tensor))
 
 

@@ -294,7 +294,7 @@ def test_generators_not_yet_created_are_removed_again():
     assert global_state.get_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR) is None
     if BACKEND == "tensorflow":
         assert stateful_random_ops.global_generator is None
-    assert _draws()[1:] == expected[1:]
+    assert _draws()[1:3] == expected[1:3]  # Python's and NumPy's; the others are made anew
 
 
 def test_the_rng_part_names_the_backend_it_was_saved_on():

@@ -426,10 +426,10 @@ def test_the_keras_tutorial_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """Every python block of docs/tutorials/keras-fit.md runs here, Keras ones included, in order."""
     doc = Path(__file__).resolve().parents[3] / "docs" / "tutorials" / "keras-fit.md"
     blocks = re.findall(r"^```python\n(.*?)^```$", doc.read_text(encoding="utf-8"), re.S | re.M)
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     if keras.backend.backend() != "tensorflow":  # its TFState block is for TensorFlow's loops
         blocks = [block for block in blocks if "import tensorflow" not in block]
-        assert len(blocks) == 4
+        assert len(blocks) == 5
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     for block in blocks:

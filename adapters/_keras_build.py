@@ -2,12 +2,14 @@
 
 A subclassed model has no weights until it is first called, and ``model.fit`` (on TensorFlow,
 without a distribution strategy) calls it only inside the first training step, after every
-callback's ``on_train_begin``. Keras records the shapes a model was built with
+callback's ``on_train_begin``; on JAX and PyTorch, fit builds the model and the optimizer
+symbolically before any callback runs. Keras records the shapes a model was built with
 (``get_build_config()``); calling the model once on symbolic ``keras.KerasTensor``s of those
 shapes makes the same variables, under the same name scopes, with no computation.
 
-``model.fit`` builds an optimizer on its first step, inside
-``keras.name_scope(optimizer.name)``, over ``model.trainable_variables``. The scope changes the
+On TensorFlow, ``model.fit`` builds an optimizer on its first step, inside
+``keras.name_scope(optimizer.name)``, over ``model.trainable_variables`` (on JAX and PyTorch,
+before the first callback, outside any scope; :func:`build_optimizer` does as fit does). The scope changes the
 paths of the variables an optimizer makes without ``add_variable`` (Nadam's ``u_product``,
 Adafactor's placeholders, a wrapped optimizer's slots), never their number, order, shapes or
 dtypes; so variables are matched by position, as Keras loads them itself, and
@@ -107,8 +109,11 @@ def build_optimizer(optimizer: Any, model: Any, where: str) -> list[Any]:
             raise ValueError(
                 f"{where}: the optimizer cannot be built before the model: {not_built(model)}"
             )
-        # The same scope as Optimizer.apply's on fit's first step, so variable paths agree.
-        with keras.name_scope(optimizer.name, caller=optimizer):
+        if keras.backend.backend() == "tensorflow":
+            # The same scope as Optimizer.apply's on fit's first step, so variable paths agree.
+            with keras.name_scope(optimizer.name, caller=optimizer):
+                optimizer.build(model.trainable_variables)
+        else:  # as fit builds it on JAX and PyTorch, before any callback, outside any scope
             optimizer.build(model.trainable_variables)
     return optimizer_variables(optimizer, model)
 

@@ -209,6 +209,9 @@ class CheckpointCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._batch_begin = batch
         if self._batch_due:
             self._batch_due = False
+            # On JAX, fit holds the variables' values apart from the model between epochs'
+            # ends; Callback.model puts them back (jax_state_sync) before the state is read.
+            self.model  # noqa: B018
             self._checkpointer().save(
                 self._batches - 1, self._batch_logs, metadata=self._where(batch=batch)
             )

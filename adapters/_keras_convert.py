@@ -1,4 +1,4 @@
-"""Keras and TensorFlow values as ckptkit trees: variables by stable keys, checked before loading.
+"""Keras values as ckptkit trees: variables by stable keys, checked before loading; any backend.
 
 A Keras model's (or optimizer's) variables are keyed ``"{index:04d}:{variable.path}"`` in
 ``.variables`` order: Keras paths can repeat (two layers may make ``"dense/kernel"``), and the
@@ -8,30 +8,43 @@ variable (:func:`match`). Optimizers are matched by position alone (:func:`match
 
 Everything is checked (keys, shapes, dtypes) before any variable is assigned, so a state that
 does not fit changes nothing. Arrays keep their dtype exactly: float16 as numpy's, bfloat16 as
-``ml_dtypes``' (what ``variable.numpy()`` returns for it).
+``ml_dtypes``' (on PyTorch, whose tensors NumPy cannot hold in bfloat16, the value is read through
+float32, which holds every bfloat16 exactly, and cast back). Integer dtypes may differ, since
+backends pick integer widths of their own (a ``SeedGenerator``'s state, an optimizer's
+iteration count): a saved integer array is converted when its values fit.
 """
 
 from __future__ import annotations
 
-import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras  # type: ignore[import-untyped,unused-ignore]
+import ml_dtypes
 import numpy as np
-import tensorflow as tf  # type: ignore[import-untyped,unused-ignore]
 
-from ckptkit._errors import ConfigMismatchError, CorruptCheckpointError
-
-from . import _keras_private as private
+from ckptkit._errors import ConfigMismatchError
 
 # Keras numbers auto-named objects per process ("dense", "dense_1", ...; "adam_1/dense_4_kernel_
 # momentum"): the numbers depend on what the process made before, not on the architecture.
 _AUTO_NUMBER = re.compile(r"_\d+(?=[_/]|$)")
 # Where a Keras key starts in a key: at its start, or after a trackable path ("drop/0000:...").
 _KERAS_KEY = re.compile(r"(?:^|/)\d{4,}:")
-VARIABLE_TYPES = (tf.Variable, keras.Variable)
+#: The dtypes Keras' backends give a SeedGenerator's state (keras.backend.random_seed_dtype()).
+_SEED_DTYPES = {"int64", "uint32", "int32"}
+
+
+def _variable_types() -> tuple[type, ...]:
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+        return (tf.Variable, keras.Variable)
+    return (keras.Variable,)
+
+
+#: Keras variables, and on the TensorFlow backend plain ``tf.Variable``s too.
+VARIABLE_TYPES = _variable_types()
 
 Pairs = list[tuple[Any, np.ndarray[Any, Any]]]
 
@@ -42,10 +55,38 @@ def show(items: Sequence[str]) -> str:
     return str(items) if len(items) <= 10 else f"{items[:10]} and {len(items) - 10} more"
 
 
+def numpy_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype of a Keras dtype name (bfloat16 and the float8s from ``ml_dtypes``)."""
+    found = getattr(ml_dtypes, name, None)
+    return np.dtype(found if isinstance(found, type) else name)
+
+
+def _tensor_to_numpy(tensor: Any) -> np.ndarray[Any, Any]:
+    if keras.backend.backend() == "torch" and hasattr(tensor, "detach"):
+        # Through Tensor.numpy (NumPy 2 warns on torch's __array__, which keras.ops uses), and
+        # copied: the array shares the tensor's memory, which the next step changes in place.
+        tensor = tensor.detach().cpu()
+        try:
+            return np.asarray(tensor.numpy()).copy()
+        except TypeError:  # bfloat16 and the float8s, which NumPy cannot take from torch
+            return np.asarray(tensor.float().numpy())
+    if callable(getattr(tensor, "numpy", None)):  # TensorFlow's: np.array on them warns too
+        return np.asarray(tensor.numpy())
+    return np.asarray(keras.ops.convert_to_numpy(tensor))
+
+
 def to_numpy(value: Any) -> Any:
-    """A tensor or variable's exact value as a numpy array (anything else unchanged)."""
-    if isinstance(value, (*VARIABLE_TYPES, tf.Tensor)):
-        return np.asarray(value.numpy())
+    """A tensor or variable's exact value as a numpy array of its dtype (anything else unchanged)."""
+    if isinstance(value, VARIABLE_TYPES) or keras.ops.is_tensor(value):
+        tensor: Any = value
+        if isinstance(value, keras.Variable):
+            tensor = value.value  # the backend's tensor; NumPy 2 warns on the variable itself
+        elif isinstance(value, VARIABLE_TYPES):
+            tensor = tensor.numpy()  # a tf.Variable
+        array = _tensor_to_numpy(tensor)
+        wanted = numpy_dtype(keras.backend.standardize_dtype(value.dtype))
+        # PyTorch's bfloat16 reaches numpy as float32, which holds each value exactly.
+        return array if array.dtype == wanted else array.astype(wanted)
     return value
 
 
@@ -63,8 +104,7 @@ def convert(value: Any) -> Any:
 def spec(variable: Any) -> tuple[tuple[int, ...], str]:
     """A variable's shape and dtype name."""
     shape = tuple(int(d) for d in variable.shape)
-    dtype = variable.dtype
-    return shape, dtype if isinstance(dtype, str) else tf.as_dtype(dtype).name
+    return shape, str(keras.backend.standardize_dtype(variable.dtype))
 
 
 def keras_keys(variables: Sequence[Any], prefix: str = "") -> list[str]:
@@ -74,9 +114,49 @@ def keras_keys(variables: Sequence[Any], prefix: str = "") -> list[str]:
 
 def capture(keys: Sequence[str], variables: Sequence[Any]) -> dict[str, Any]:
     """The variables' values as numpy arrays, by key."""
-    return {
-        key: np.asarray(variable.numpy()) for key, variable in zip(keys, variables, strict=True)
-    }
+    return {key: to_numpy(variable) for key, variable in zip(keys, variables, strict=True)}
+
+
+def cast_seed_state(array: np.ndarray[Any, Any], dtype: Any) -> np.ndarray[Any, Any]:
+    """A SeedGenerator's state saved on one backend, in the dtype of another's.
+
+    Each backend gives the state (a seed and a counter) its own dtype: int64 on TensorFlow,
+    uint32 on JAX, int32 on PyTorch, which reads the 32 bits as unsigned. The values are kept
+    (32-bit patterns as unsigned); the random numbers drawn from them differ between backends
+    all the same, since each backend has its own generator algorithms.
+
+    Raises:
+        ValueError: a value does not fit the 32 bits of ``dtype``.
+    """
+    target = numpy_dtype(keras.backend.standardize_dtype(dtype))
+    if array.dtype == target:
+        return array
+    values = array.view(np.uint32) if array.dtype == np.int32 else array
+    values = values.astype(np.int64)
+    if target.itemsize == 4 and (values.min(initial=0) < 0 or values.max(initial=0) >= 2**32):
+        raise ValueError(f"a value of {values.tolist()} does not fit 32 bits")
+    if target == np.int32:
+        return values.astype(np.uint32).view(np.int32)
+    return values.astype(target)
+
+
+def _cast_integers(key: str, array: np.ndarray[Any, Any], dtype: str) -> np.ndarray[Any, Any]:
+    """An integer variable saved on another backend, in this one's integer dtype.
+
+    Backends differ in integer widths (an optimizer's iteration count is int64 on TensorFlow,
+    int32 on JAX and PyTorch; seed states, :func:`cast_seed_state`). Only values that fit
+    are converted.
+
+    Raises:
+        ValueError: a value does not fit ``dtype``.
+    """
+    if key.endswith("seed_generator_state") and {array.dtype.name, dtype} <= _SEED_DTYPES:
+        return cast_seed_state(array, dtype)
+    target = numpy_dtype(dtype)
+    info = np.iinfo(target)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise ValueError(f"a value does not fit {dtype}")
+    return array.astype(target)
 
 
 def _normal(key: Any) -> Any:
@@ -161,7 +241,15 @@ def checked(triples: Sequence[tuple[str, Any, Any]], what: str) -> Pairs:
         shape, dtype = spec(variable)
         if not isinstance(array, (np.ndarray, np.generic)):
             wrong.append(f"{key}: saved a {type(value).__name__}, here {shape} {dtype}")
-        elif (tuple(array.shape), array.dtype.name) != (shape, dtype):
+            continue
+        integers = array.dtype.kind in "iu" and numpy_dtype(dtype).kind in "iu"
+        if array.dtype.name != dtype and integers and tuple(array.shape) == shape:
+            try:  # saved on another backend: the same values, in this backend's width
+                array = _cast_integers(key, np.asarray(array), dtype)
+            except ValueError as e:
+                wrong.append(f"{key}: saved {tuple(array.shape)} {array.dtype.name}, {e}")
+                continue
+        if (tuple(array.shape), array.dtype.name) != (shape, dtype):
             wrong.append(
                 f"{key}: saved {tuple(array.shape)} {array.dtype.name}, here {shape} {dtype}"
             )
@@ -208,107 +296,3 @@ def assign(pairs: Pairs) -> None:
     """Assign each checked value to its variable."""
     for variable, array in pairs:
         variable.assign(array)
-
-
-def generator_state(generator: tf.random.Generator) -> dict[str, Any]:
-    """A ``tf.random.Generator``'s state: its state variable and its algorithm."""
-    return {"state": np.asarray(generator.state.numpy()), "algorithm": int(generator.algorithm)}
-
-
-def check_generator(saved: Any, where: str, generator: tf.random.Generator | None) -> None:
-    """Refuse a saved generator state of the wrong form, or (given one) another algorithm."""
-    if not (
-        isinstance(saved, Mapping)
-        and set(saved) == {"state", "algorithm"}
-        and isinstance(saved["algorithm"], int)
-        and isinstance(to_numpy(saved["state"]), np.ndarray)
-    ):
-        raise ConfigMismatchError(f"{where}: the saved state is not a tf.random.Generator's")
-    state = to_numpy(saved["state"])
-    if generator is not None:
-        here = generator_state(generator)
-        if saved["algorithm"] != here["algorithm"] or state.shape != here["state"].shape:
-            raise ConfigMismatchError(
-                f"{where}: saved from a generator with algorithm {saved['algorithm']} and state "
-                f"shape {state.shape}, this one has {here['algorithm']} and "
-                f"{here['state'].shape}; make it with the same algorithm"
-            )
-
-
-def capture_rng() -> dict[str, Any]:
-    """The global generators: Keras' seed generator, TF's global generator, Python's, NumPy's.
-
-    Keras' and TF's are None where they have not been created yet (and loading such a state
-    removes them again, so they are created the same way the next time they are needed).
-    """
-    keras_gen = private.keras_global_seed_generator()
-    tf_gen = private.tf_global_generator()
-    return {
-        "keras": None if keras_gen is None else np.asarray(keras_gen.state.numpy()),
-        "tf": None if tf_gen is None else generator_state(tf_gen),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(legacy=False),
-    }
-
-
-def _check_python(saved: Any) -> None:
-    random.Random().setstate(saved)
-
-
-def _check_numpy(saved: Any) -> None:
-    np.random.RandomState().set_state(saved)
-
-
-def _check_keras_seed(saved: Any) -> None:
-    if saved is not None and to_numpy(saved).shape != (2,):
-        raise ValueError("expected an array of shape (2,)")
-
-
-def _check_tf_generator(saved: Any, where: str) -> None:
-    if saved is not None:
-        check_generator(saved, where, None)
-
-
-def check_rng(saved: Any, where: str) -> None:
-    """Refuse a malformed saved RNG state before anything is restored.
-
-    Raises:
-        CorruptCheckpointError: naming the generator whose state is malformed.
-    """
-    if not isinstance(saved, Mapping) or set(saved) != {"keras", "tf", "python", "numpy"}:
-        raise CorruptCheckpointError(f"{where}: the saved random-generator state is malformed")
-    checks: dict[str, Callable[[Any], None]] = {
-        "python": _check_python,
-        "numpy": _check_numpy,
-        "keras": _check_keras_seed,
-        "tf": lambda s: _check_tf_generator(s, where),
-    }
-    for name, check in checks.items():
-        try:
-            check(saved[name])
-        except (TypeError, ValueError, KeyError, AttributeError, ConfigMismatchError) as e:
-            raise CorruptCheckpointError(
-                f"{where}: the saved state of the {name} random generator is malformed ({e})"
-            ) from e
-
-
-def restore_rng(saved: Mapping[str, Any]) -> None:
-    """Set the global generators to a state checked by :func:`check_rng`."""
-    if saved["keras"] is None:
-        private.remove_keras_global_seed_generator()
-    else:
-        # Creating it draws from Python's generator, which is restored after.
-        gen = private.make_keras_global_seed_generator()
-        gen.state.assign(to_numpy(saved["keras"]).astype(gen.state.dtype))
-    tf_saved = saved["tf"]
-    current = private.tf_global_generator()
-    if tf_saved is None:
-        private.remove_tf_global_generator()
-    elif current is not None and int(current.algorithm) == tf_saved["algorithm"]:
-        current.reset(to_numpy(tf_saved["state"]))  # in place: tf.functions keep seeing it
-    else:
-        tf.random.set_global_generator(
-            tf.random.Generator.from_state(to_numpy(tf_saved["state"]), tf_saved["algorithm"])
-        )
-    np.random.set_state(saved["numpy"])
-    random.setstate(saved["python"])

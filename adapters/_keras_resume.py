@@ -37,6 +37,7 @@ from ckptkit._policy import StoppingPolicy
 from ckptkit._record import CheckpointRecord
 
 from ._keras_build import build_model, build_optimizer, signature
+from ._keras_convert import to_numpy
 from ._keras_state import KerasState
 
 logger = logging.getLogger("ckptkit")
@@ -144,7 +145,7 @@ def start(ckpt: Checkpointer, model: Any, epochs: int) -> Start:
     ckpt._rank_within(decided.first_step, decided.last_step)  # resume ranked every stage
     record = ckpt.resumed_from
     assert record is not None
-    iterations = 0 if state.optimizer is None else int(state.optimizer.iterations.numpy())
+    iterations = 0 if state.optimizer is None else int(to_numpy(state.optimizer.iterations))
     batches, since = counters(record, iterations)
     first = next_epoch(record)
     if ckpt.should_stop:

@@ -1,8 +1,10 @@
-"""KerasState, and the functions that save and load any Keras or TensorFlow state.
+"""KerasState, and the functions that save and load any Keras (or TensorFlow) state.
 
-The conversion and the checks are in ``_keras_convert``, building as fit does in
-``_keras_build``, plain TensorFlow objects in ``_keras_tf``; this module decides what a Keras
-model's state is and restores every part only after every part has been checked.
+The conversion and the checks are in ``_keras_convert``, the global generators in
+``_keras_rng``, building as fit does in ``_keras_build``, plain TensorFlow objects in
+``_keras_tf`` (on the TensorFlow backend; ``_keras_notf`` refuses them on the others); this
+module decides what a Keras model's state is and restores every part only after every part has
+been checked.
 """
 
 from __future__ import annotations
@@ -11,32 +13,35 @@ from collections.abc import Mapping
 from typing import Any
 
 import keras  # type: ignore[import-untyped,unused-ignore]
-import tensorflow as tf  # type: ignore[import-untyped,unused-ignore]
+import numpy as np
 
 from ckptkit._errors import ConfigMismatchError
 from ckptkit._record import CheckpointRecord
 from ckptkit._store import CheckpointStore, StepSelector
 
-from . import _keras_private as private
 from ._keras_build import build_optimizer, model_is_built, not_built
 from ._keras_convert import (
-    VARIABLE_TYPES,
     assign,
     capture,
-    capture_rng,
     check_parts,
-    check_rng,
     convert,
     keras_keys,
     match,
     match_by_position,
-    restore_rng,
 )
-from ._keras_tf import TFState, own_state
+from ._keras_rng import capture_rng, check_rng, restore_rng
+
+if keras.backend.backend() == "tensorflow":
+    from ._keras_tf import TFState as TFState
+    from ._keras_tf import is_tf_object, own_state
+else:  # TFState and TensorFlow objects are refused, saying what to use instead
+    from ._keras_notf import TFState as TFState  # type: ignore[assignment]
+    from ._keras_notf import is_tf_object, own_state
 
 _SAME_MODEL = "load it into a model built like the one it was saved from (same layers, same order)"
 _SAME_OPTIMIZER = "use the same optimizer class and options, over the same model"
 _PARTS = {"model", "optimizer", "rng"}
+_KERAS_OBJECTS = (keras.layers.Layer, keras.optimizers.Optimizer)
 
 
 class KerasState:
@@ -48,8 +53,11 @@ class KerasState:
     states of Dropout and other random layers); ``"optimizer"``, every variable in
     ``optimizer.variables`` (the iteration count, the learning rate, Adam's moments, EMA
     averages and gradient accumulators), then any it holds without listing them there; and
-    with ``rng`` ``"rng"``: Keras' global seed generator, TF's global ``tf.random.Generator``
-    (each if created), Python's ``random`` and NumPy's global state.
+    with ``rng`` ``"rng"``: Keras' global seed generator (if created), Python's ``random``,
+    NumPy's global state, and the backend's own generator: TF's global
+    ``tf.random.Generator`` (if created) on TensorFlow, torch's CPU generator on PyTorch,
+    none on JAX. It works the same on every Keras backend; the ``"rng"`` part loads on the
+    backend it was saved on only (see the Keras tutorial for what loads across backends).
 
     Variables are keyed ``"{index:04d}:{path}"``. Loading checks every key, shape and dtype
     before it assigns anything. Model keys may differ only in Keras' auto-numbering
@@ -58,15 +66,17 @@ class KerasState:
     optimizer was built, not on what they hold; their number, shapes and dtypes must match.
     An optimizer that is not built yet is built first, as ``model.fit`` builds it (under its
     name scope, over ``model.trainable_variables``): an unbuilt one has no moments to restore.
-    TF's legacy seeded ops (``tf.random.normal`` without a generator) keep state no API
-    exposes and are not saved: use ``keras.random`` or a ``tf.random.Generator``.
+    On TensorFlow, TF's legacy seeded ops (``tf.random.normal`` without a generator) keep
+    state no API exposes and are not saved: use ``keras.random`` or a ``tf.random.Generator``.
 
     Args:
         model: a built Keras model (or layer). A subclassed model is built by its first
             call; in a custom loop, call it on one batch (or ``model.build``) before loading.
             ``CheckpointCallback`` builds it by itself.
         optimizer: its optimizer, usually ``model.optimizer``; None saves none.
-        rng: capture and restore the global random generators (the part ``"rng"``).
+        rng: capture and restore the global random generators (the part ``"rng"``). With
+            False, a saved ``"rng"`` part is not loaded either: how to load a model and its
+            optimizer saved on another backend.
 
     Example:
         >>> state = KerasState(model, model.optimizer)
@@ -123,6 +133,10 @@ class KerasState:
     def _load(self, tree: Any, where: str) -> None:
         names = {"model"} | ({"optimizer"} if self.optimizer is not None else set())
         names |= {"rng"} if self.rng else set()
+        if not self.rng and isinstance(tree, Mapping) and "rng" in tree:
+            # rng=False leaves the global generators alone, a saved state of theirs included
+            # (one saved on another backend, say).
+            tree = {name: part for name, part in tree.items() if name != "rng"}
         check_parts(tree, names, where, "KerasState(model, optimizer, rng=...)")
         if not model_is_built(self.model):
             raise ConfigMismatchError(
@@ -155,7 +169,8 @@ def state_to_tree(obj: Any) -> Any:
 
     Args:
         obj: a :class:`KerasState` or :class:`TFState`; a Keras model (its ``model.variables``
-            keyed as in KerasState); a Keras optimizer; a ``tf.Module``, ``tf.Variable``,
+            keyed as in KerasState); a Keras layer or optimizer (its ``.variables``, keyed the
+            same way); on the TensorFlow backend, a ``tf.Module``, ``tf.Variable``,
             ``tf.random.Generator`` or ``tf.data`` iterator (as in TFState); or a nested
             dict/list of tensors, numpy arrays and JSON values.
 
@@ -175,15 +190,20 @@ def state_to_tree(obj: Any) -> Any:
         return obj.state_dict()
     if isinstance(obj, keras.Model):
         return KerasState(obj, rng=False).state_dict()["model"]
-    if isinstance(obj, (private.Trackable, *VARIABLE_TYPES)):
+    if isinstance(obj, _KERAS_OBJECTS):
+        variables = list(obj.variables)
+        return capture(keras_keys(variables), variables)
+    if is_tf_object(obj):
         return own_state(obj, f"state_to_tree({type(obj).__name__})")
     return convert(obj)
 
 
 def tree_to_state(tree: Any) -> Any:
-    """Convert a tree made by :func:`state_to_tree` back to tensors (``tf.constant``).
+    """Convert a tree made by :func:`state_to_tree` back to tensors of Keras' backend.
 
-    Every array becomes a tensor of the same dtype, shape and values; JSON values are kept.
+    Every array becomes a tensor of the same dtype, shape and values
+    (``keras.ops.convert_to_tensor``: a ``tf.Tensor``, a ``jax.Array`` or a ``torch.Tensor``);
+    JSON values are kept.
     :meth:`KerasState.load_state_dict` and the others take either form.
 
     Example:
@@ -195,8 +215,8 @@ def tree_to_state(tree: Any) -> Any:
         return [tree_to_state(value) for value in tree]
     if isinstance(tree, tuple):
         return tuple(tree_to_state(value) for value in tree)
-    if hasattr(tree, "dtype") and hasattr(tree, "shape") and not isinstance(tree, tf.Tensor):
-        return tf.constant(tree)
+    if isinstance(tree, (np.ndarray, np.generic)):
+        return keras.ops.convert_to_tensor(tree, dtype=tree.dtype.name)
     return tree
 
 
@@ -220,10 +240,11 @@ def load_state(store: CheckpointStore, state: Any, step: StepSelector = None) ->
     """Load checkpoint ``step`` (None: the latest; ``"best"``) into ``state``, in place.
 
     Args:
-        state: a :class:`KerasState` or :class:`TFState`; a ``tf.Module``, ``tf.Variable``,
-            ``tf.random.Generator`` or ``tf.data`` iterator saved on its own; or a Keras
-            model, from a checkpoint of that model alone or from the ``"model"`` part of a
-            KerasState checkpoint (what ``CheckpointCallback`` saves): its weights only.
+        state: a :class:`KerasState` or :class:`TFState`; a Keras model, from a checkpoint of
+            that model alone or from the ``"model"`` part of a KerasState checkpoint (what
+            ``CheckpointCallback`` saves, on any backend): its weights only; a Keras layer or
+            optimizer saved on its own; on the TensorFlow backend, a ``tf.Module``,
+            ``tf.Variable``, ``tf.random.Generator`` or ``tf.data`` iterator saved on its own.
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError: from the store.
@@ -243,6 +264,10 @@ def load_state(store: CheckpointStore, state: Any, step: StepSelector = None) ->
             KerasState(state, rng=False)._load({"model": saved["model"]}, where)
         else:
             KerasState(state, rng=False)._load({"model": saved}, where)
+    elif isinstance(state, _KERAS_OBJECTS):
+        variables = list(state.variables)
+        what = f"{where}: {type(state).__name__}"
+        assign(match(keras_keys(variables), variables, loaded.state, what, _SAME_MODEL))
     else:
         TFState(part=state)._load({"part": loaded.state}, where)
     return loaded.record

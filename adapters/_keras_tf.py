@@ -1,4 +1,4 @@
-"""TFState: plain TensorFlow objects by name, for ``tf.GradientTape`` loops.
+"""TFState: plain TensorFlow objects by name, for ``tf.GradientTape`` loops (TensorFlow backend).
 
 What each object's state is: a ``tf.Module``'s variables keyed by their path in the trackable
 object graph (the names ``tf.train.Checkpoint`` gives them), with the Keras layers, optimizers
@@ -16,26 +16,23 @@ from typing import Any
 
 import keras  # type: ignore[import-untyped,unused-ignore]
 import numpy as np
-import tensorflow as tf  # type: ignore[import-untyped,unused-ignore]
+import tensorflow as tf  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from ckptkit._errors import ConfigMismatchError, CorruptCheckpointError, UnsupportedStateError
 
-from . import _keras_private as private
+from . import _keras_tf_private as private
 from ._keras_convert import (
     VARIABLE_TYPES,
     Pairs,
     assign,
     capture,
-    capture_rng,
-    check_generator,
     check_parts,
-    check_rng,
-    generator_state,
     keras_keys,
     match,
-    restore_rng,
     to_numpy,
 )
+from ._keras_rng import capture_rng, check_rng, restore_rng
+from ._keras_tf_random import check_generator, generator_state
 
 _KERAS_OBJECTS = (keras.layers.Layer, keras.optimizers.Optimizer)
 #: The key of an iterator's part: a list of uint8 arrays, one serialised tensor each.
@@ -314,3 +311,8 @@ def _first_line(error: tf.errors.OpError) -> str:
     """TensorFlow's own reason, without its op-wrapper prefix: its first sentence."""
     message = re.sub(r"^\{\{[^}]*\}\}\s*", "", str(error.message).strip())
     return message.split("\n", 1)[0].split(". ", 1)[0].split(" [Op:", 1)[0].rstrip(". ")[:300]
+
+
+def is_tf_object(obj: Any) -> bool:
+    """Whether ``obj`` is an object TFState saves on its own (a trackable or a variable)."""
+    return isinstance(obj, (private.Trackable, *VARIABLE_TYPES))

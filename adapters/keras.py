@@ -1,8 +1,13 @@
-"""Keras 3 adapter: a ``model.fit`` callback and state objects for ``tf.GradientTape`` loops.
+"""Keras 3 adapter: a ``model.fit`` callback and state objects, on every Keras backend.
 
-Model and optimizer variables, the Keras and TensorFlow random generators, and plain
-``tf.Module``s convert to ckptkit's framework-free tree (numpy arrays and JSON values), with the
-same function names as ``ckptkit.adapters.torch``. Keras runs on the TensorFlow backend here.
+Model and optimizer variables, their ``keras.random.SeedGenerator`` states, Keras' global seed
+generator and the backend's own (TensorFlow's global ``tf.random.Generator``, torch's CPU
+generator) convert to ckptkit's framework-free tree (numpy arrays and JSON values), with the
+same function names as ``ckptkit.adapters.torch``. ``KerasState`` and ``CheckpointCallback``
+work on the TensorFlow, JAX and PyTorch backends (``KERAS_BACKEND``), with bit-exact
+``model.fit`` resume on each; a model's weights saved on one backend load on another.
+``TFState`` (plain TensorFlow objects: ``tf.Module``, ``tf.random.Generator``, ``tf.data``
+iterators) needs the TensorFlow backend, and raises on the others saying what to use instead.
 
 Example:
     >>> from ckptkit import CheckpointStore, StoppingPolicy
@@ -15,32 +20,24 @@ Example:
 from __future__ import annotations
 
 try:
-    import keras as _keras  # type: ignore[import-untyped,unused-ignore]
+    import keras  # type: ignore[import-untyped,unused-ignore]  # noqa: F401 - the check itself
 except ImportError as e:  # pragma: no cover - exercised in the torch test environment
     raise ImportError(
-        "ckptkit.adapters.keras needs Keras 3 and TensorFlow, which are not installed: "
-        "pip install 'ckptkit-ml[keras]'"
+        "ckptkit.adapters.keras needs Keras 3 and a backend for it, which are not installed: "
+        "pip install 'ckptkit-ml[keras]' (TensorFlow), 'ckptkit-ml[keras-jax]' or "
+        "'ckptkit-ml[keras-torch]'"
     ) from e
-
-if _keras.backend.backend() != "tensorflow":
-    # The state objects read TensorFlow variables and generators directly; on another backend
-    # they would save a partial state, so refuse rather than resume inexactly.
-    raise ImportError(
-        "ckptkit.adapters.keras supports Keras on the TensorFlow backend only, and this Keras "
-        f"runs on {_keras.backend.backend()!r}: set KERAS_BACKEND=tensorflow before importing "
-        "keras (for PyTorch models, use ckptkit.adapters.torch)"
-    )
 
 from ._keras_callback import CheckpointCallback
 from ._keras_resume import NewStageWarning
 from ._keras_state import (
     KerasState,
+    TFState,
     load_state,
     save_state,
     state_to_tree,
     tree_to_state,
 )
-from ._keras_tf import TFState
 
 __all__ = [
     "CheckpointCallback",

@@ -109,6 +109,7 @@ def test_fit_killed_after_a_save_resumes_bit_exactly(tmp_path: Path) -> None:
 TAPE_WORKER = str(Path(__file__).parent / "workers" / "tape_worker.py")
 
 
+@pytest.mark.tensorflow_only
 def test_gradient_tape_loop_killed_after_a_save_resumes_bit_exactly(tmp_path: Path) -> None:
     """A GradientTape loop (TFState) SIGKILLed after a random step's save resumes to the same variables."""
     after = random.Random(1).randint(2, 10)

@@ -22,6 +22,8 @@ from ckptkit import (  # noqa: E402
 )
 from ckptkit.adapters.keras import TFState, load_state, save_state  # noqa: E402
 
+pytestmark = pytest.mark.tensorflow_only
+
 
 def dataset(buffer: int = 50) -> Any:
     """Shuffled anew each pass, repeated, batched: its position is more than a count."""

@@ -22,6 +22,7 @@ import numpy as np
 
 from ckptkit import CheckpointStore, StoppingPolicy
 from ckptkit.adapters._keras_callback import CheckpointCallback
+from ckptkit.adapters._keras_convert import to_numpy
 
 EPOCHS = 6
 
@@ -72,7 +73,7 @@ def main(root: str) -> None:
     )
     h = hashlib.sha256()
     for v in model.variables:
-        h.update(v.numpy().tobytes())
+        h.update(to_numpy(v).tobytes())
     say(f"digest {h.hexdigest()}")
 
 

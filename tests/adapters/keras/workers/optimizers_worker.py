@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 from ckptkit import CheckpointStore
+from ckptkit.adapters._keras_convert import to_numpy
 from ckptkit.adapters.keras import CheckpointCallback
 
 EPOCHS = 2
@@ -97,7 +98,7 @@ def run(root: str, name: str, make: Callable[[], Any], epochs: int) -> str:
     model.fit(x, y, batch_size=12, epochs=epochs, shuffle=False, verbose=0, callbacks=[callback])
     h = hashlib.sha256()
     for variable in [*model.variables, *model.optimizer.variables]:
-        h.update(np.asarray(variable.numpy()).tobytes())
+        h.update(to_numpy(variable).tobytes())
     return h.hexdigest()
 
 

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from ckptkit import CheckpointStore, StoppingPolicy
+from ckptkit.adapters._keras_convert import to_numpy
 from ckptkit.adapters.keras import CheckpointCallback, NewStageWarning
 
 
@@ -114,7 +115,7 @@ def main(root: str) -> None:
         fit(2, 6)
     h = hashlib.sha256()
     for v in model.variables:
-        h.update(np.asarray(v.numpy()).tobytes())
+        h.update(to_numpy(v).tobytes())
     say(f"digest {h.hexdigest()}")
 
 

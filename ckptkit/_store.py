@@ -306,13 +306,16 @@ class CheckpointStore:
         Raises:
             UnsupportedStateError: a leaf of ``state`` cannot be saved (the message has its key path).
             CheckpointExistsError: ``step`` is committed and ``overwrite`` is False (also when
-                another writer committed it first).
+                another writer committed it first), or is being saved by ``save_async`` (raised
+                at once, without waiting for that save).
             LockTimeoutError: another process held the lock longer than ``lock_timeout``.
             StoreWriteError: the disk or the object store failed (e.g. ENOSPC, a read-only file
                 system, access denied); the message says whether the step was committed. If
                 not, the store is unchanged.
         """
         self._refuse_if_read_only(f"save step {step}")
+        location = self._storage.location
+        _async.refuse_in_flight(location, self._pending, check_step(step), overwrite=overwrite)
         self.wait()
         return self._commit(self._prepare(step, state, metrics, metadata, overwrite=overwrite))
 
@@ -330,22 +333,36 @@ class CheckpointStore:
         Returns as soon as the copy is made, so the state may change right after the call.
         The buffers are kept for the next save (one per tensor name, shape and dtype). At most
         one save is in flight: this first waits for the previous one. The commit is the same as
-        :meth:`save`'s; its error is raised by ``PendingSave.result()`` or, if nobody asked,
-        by the next ``save``, ``save_async``, ``wait``, ``close``, ``prune``, ``pin`` or
-        ``unpin``. A save still in flight at interpreter exit is finished first.
+        :meth:`save`'s. The :class:`PendingSave` returned is a ``concurrent.futures.Future``
+        of the committed record: the save's error is raised by its ``result()`` (or returned
+        by ``exception()``) or, if nobody asked, by the next ``save``, ``save_async``,
+        ``wait``, ``close``, ``prune``, ``pin`` or ``unpin``. A save still in flight at
+        interpreter exit is finished first.
+
+        Unless ``overwrite`` is True, the step of the save in flight is refused at once,
+        without waiting for that save, and a committed step is refused before anything is
+        copied (checked once the previous save, whose retention may delete it, is done). With
+        ``overwrite=True``, a save in flight of the same step is waited for, then replaced.
 
         Raises:
+            CheckpointExistsError: ``step`` is committed or in flight and ``overwrite`` is
+                False (a commit by another writer meanwhile is refused by the commit itself).
             Exception: the previous background save's error; the same errors as :meth:`save`
                 for a state that cannot be saved (raised here, before any copy is made).
 
         Example:
             >>> pending = store.save_async(step, {"w": weights})
             >>> weights += 1  # the checkpoint holds the values from before this line
+            >>> pending.add_done_callback(lambda p: log.info("finished: %r", p))
             >>> pending.result().step == step
             True
         """
         self._refuse_if_read_only(f"save step {step}")
+        step, location = check_step(step), self._storage.location
+        _async.refuse_in_flight(location, self._pending, step, overwrite=overwrite)
         self.wait()
+        if not overwrite:
+            _async.refuse_committed(location, self.records(), step)
         job = self._prepare(step, state, metrics, metadata, overwrite=overwrite)
         job.arrays = self._buffers.snapshot(job.arrays)
         pending = PendingSave(job.step)

@@ -37,12 +37,13 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from ckptkit._errors import CorruptCheckpointError, UnsupportedStateError
+from ckptkit._hashing import HashingWriter
 from ckptkit._manifest import shard_file_name
 from ckptkit._record import CheckpointRecord, FileEntry
 from ckptkit._safetensors import dtype_code, numpy_dtype, write_safetensors
 from ckptkit._safetensors_read import parse_safetensors
 from ckptkit._sharded import ShardChunk, ShardedTensor, ShardIndex
-from ckptkit._storage import CheckpointFiles, CheckpointWriter, HashingWriter
+from ckptkit._storage import CheckpointFiles, CheckpointWriter
 
 from ._torch_convert import array_to_tensor, tensor_to_array
 

@@ -40,13 +40,14 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ckptkit._errors import CkptkitError, CorruptCheckpointError
+from ckptkit._hashing import HashingWriter
 from ckptkit._manifest import SHARD_INDEX
 from ckptkit._manifest import dumps as dump_records
 from ckptkit._manifest import loads as load_records
 from ckptkit._reader import read_state
 from ckptkit._record import CheckpointRecord, FileEntry
 from ckptkit._sharded import encode_index, read_index
-from ckptkit._storage import CheckpointFiles, CheckpointWriter, HashingWriter
+from ckptkit._storage import CheckpointFiles, CheckpointWriter
 from ckptkit._store import StepSelector
 from ckptkit._store_read import FallbackWarning
 

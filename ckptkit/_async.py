@@ -17,9 +17,7 @@ import concurrent.futures as futures
 import logging
 import sys
 import threading
-from collections.abc import Callable, Mapping
-
-import numpy as np
+from collections.abc import Callable
 
 from ckptkit._errors import CheckpointExistsError
 from ckptkit._record import CheckpointRecord
@@ -151,38 +149,6 @@ def refuse_committed(location: str, records: list[CheckpointRecord], step: int) 
             f"{location}: step {step} is already committed ({old.directory}); pass "
             "overwrite=True to replace it atomically, or save under another step"
         )
-
-
-class BufferPool:
-    """Host buffers reused from one snapshot to the next, keyed by tensor name, shape and dtype."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers.values())
-
-    def snapshot(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Copy each array into its buffer; return name -> buffer.
-
-        Buffers of names or shapes the state no longer has are released, so the pool holds one
-        state's worth of memory. Must not be called while a previous snapshot is being written.
-        """
-        kept: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
-        out: dict[str, np.ndarray] = {}
-        for name, array in arrays.items():
-            key = (name, array.shape, array.dtype.str)
-            buffer = self._buffers.get(key)
-            if buffer is None:
-                buffer = np.empty(array.shape, dtype=array.dtype)
-            np.copyto(buffer, array, casting="no")
-            kept[key] = out[name] = buffer
-        self._buffers = kept
-        return out
-
-    def clear(self) -> None:
-        self._buffers = {}
 
 
 def start(pending: PendingSave, commit: Callable[[], CheckpointRecord]) -> threading.Thread:

@@ -118,6 +118,47 @@ def _find_dtype_code(dtype: np.dtype[np.generic]) -> str | None:
     return code if dtype.newbyteorder("=") == native else None
 
 
+def data_order(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """The names of ``arrays`` in the order their bytes follow each other in the data area."""
+    return sorted(arrays, key=lambda name: (-arrays[name].dtype.itemsize, name))
+
+
+class _Run:
+    """Bytes of consecutive tensors that lie next to each other in one uint8 buffer."""
+
+    def __init__(self, owner: np.ndarray, begin: int, end: int) -> None:
+        self.owner, self.begin, self.end = owner, begin, end
+
+    @classmethod
+    def start(cls, flat: np.ndarray) -> _Run | None:
+        """Where ``flat`` lies in the 1-d uint8 buffer that owns its memory, if it has one."""
+        owner = flat.base
+        while isinstance(owner, np.ndarray) and owner.base is not None:
+            owner = owner.base
+        if not (
+            isinstance(owner, np.ndarray)
+            and owner.dtype == np.uint8
+            and owner.ndim == 1
+            and owner.flags.c_contiguous
+        ):
+            return None
+        begin = flat.ctypes.data - owner.ctypes.data
+        return cls(owner, begin, begin + flat.nbytes)
+
+    def extend(self, flat: np.ndarray) -> bool:
+        """Add ``flat`` if it starts where the run ends, in the same buffer."""
+        if flat.ctypes.data != self.owner.ctypes.data + self.end:
+            return False
+        place = _Run.start(flat)
+        if place is None or place.owner is not self.owner:
+            return False
+        self.end = place.end
+        return True
+
+    def view(self) -> memoryview:
+        return self.owner.data[self.begin : self.end]
+
+
 def supported_dtype_names() -> list[str]:
     """Return the numpy names of every dtype a tensor may have, for error messages."""
     return list(_NAME_TO_CODE)
@@ -182,7 +223,7 @@ def write_safetensors(
                 f"convert it to one of {', '.join(supported_dtype_names())}"
             )
         entries.append((-array.dtype.itemsize, name, code, array))
-    entries.sort(key=lambda entry: (entry[0], entry[1]))
+    entries.sort(key=lambda entry: (entry[0], entry[1]))  # the order of data_order()
 
     header: dict[str, object] = {}
     if metadata is not None:
@@ -202,22 +243,38 @@ def write_safetensors(
     header_bytes += b" " * (-len(header_bytes) % 8)
 
     # Small tensors are gathered into one buffer, so a state of many small arrays costs a few
-    # writes instead of one per tensor; large ones are written from their own memory.
+    # writes instead of one per tensor; large ones are written from their own memory, and
+    # neighbours in one buffer (a save_async snapshot) are written together, in one call.
     pending = bytearray(struct.pack("<Q", len(header_bytes)))
     pending += header_bytes
+
+    def emit(data: memoryview) -> None:
+        nonlocal pending
+        if len(data) < _SMALL_TENSOR_BYTES:
+            pending += data
+            if len(pending) >= _SMALL_TENSOR_BYTES:
+                _write_all(out, memoryview(pending))
+                pending = bytearray()  # a new buffer: the old one may still be being hashed
+            return
+        if pending:
+            _write_all(out, memoryview(pending))
+            pending = bytearray()
+        _write_all(out, data)
+
+    run: _Run | None = None
     for _, _, _, array in entries:
         if not array.nbytes:
             continue
         flat = _little_endian_c_order(array).reshape(-1).view(np.uint8)
-        if array.nbytes < _SMALL_TENSOR_BYTES:
-            pending += flat.data
-            if len(pending) < _SMALL_TENSOR_BYTES:
-                continue
-            flat = np.frombuffer(pending, dtype=np.uint8)
-        elif pending:
-            _write_all(out, memoryview(pending))
-        _write_all(out, flat.data)
-        pending = bytearray()
+        if run is not None and run.extend(flat):
+            continue
+        if run is not None:
+            emit(run.view())
+        run = _Run.start(flat)
+        if run is None:
+            emit(memoryview(flat.data))
+    if run is not None:
+        emit(run.view())
     if pending:
         _write_all(out, memoryview(pending))
     return 8 + len(header_bytes) + offset

@@ -36,8 +36,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ckptkit._fsio import CHECKSUM_ALGORITHM, CHUNK, Hasher, new_hasher
-
 #: Called with the number of bytes just written or read (a progress bar's update).
 Progress = Callable[[int], Any]
 
@@ -75,43 +73,6 @@ class Sink(Protocol):
 
     def abort(self) -> None:
         """Close after a failure without committing; the writer of the checkpoint cleans up."""
-
-
-class HashingWriter:
-    """A file being written that counts and hashes every byte on its way to a :class:`Sink`.
-
-    Hashing as the bytes go out reads each byte once, while it is still in the CPU's caches,
-    instead of reading the file back after writing it. ``write`` accepts anything exposing the
-    buffer protocol, which is what the safetensors writer gives it.
-    """
-
-    def __init__(self, sink: Sink, *, progress: Progress | None = None) -> None:
-        self.size = 0
-        self._sink = sink
-        self._progress = progress
-        self._hash: Hasher = new_hasher(CHECKSUM_ALGORITHM)
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        # In pieces, so a progress bar moves during one large tensor.
-        for start in range(0, len(view), CHUNK):
-            piece = view[start : start + CHUNK]
-            self._hash.update(piece)
-            self._sink.write(piece)
-            if self._progress is not None:
-                self._progress(len(piece))
-        self.size += len(view)
-        return len(view)
-
-    @property
-    def checksum(self) -> str:
-        return f"{CHECKSUM_ALGORITHM}:{self._hash.hexdigest()}"
-
-    def commit(self) -> None:
-        self._sink.commit()
-
-    def abort(self) -> None:
-        self._sink.abort()
 
 
 class CheckpointWriter(abc.ABC):
@@ -308,3 +269,5 @@ class Storage(abc.ABC):
         change a store object makes; a backend without a lock removes only leftovers old enough
         that no live writer can still be writing them.
         """
+
+

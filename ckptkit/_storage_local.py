@@ -26,11 +26,11 @@ from pathlib import Path
 import filelock
 
 from ckptkit import _fsio, _fsread
+from ckptkit._hashing import HashingWriter
 from ckptkit._manifest import CHECKPOINT_DIR, MANIFEST_NAME, is_checkpoint_file
 from ckptkit._storage import (
     CheckpointFiles,
     CheckpointWriter,
-    HashingWriter,
     ManifestVersion,
     Progress,
     RangeReader,

@@ -42,11 +42,13 @@ from ckptkit._manifest import MANIFEST_NAME
 from ckptkit._modes import Mode, resolve_mode
 from ckptkit._record import CheckpointRecord, TensorInfo
 from ckptkit._retention import RetentionPlan, RetentionPolicy
+from ckptkit._snapshot import SnapshotBuffers
 from ckptkit._storage import Storage
 from ckptkit._storage_local import LOCK_NAME, LocalStorage
 from ckptkit._storage_open import open_storage
 from ckptkit._store_read import Checkpoint, CheckpointReader, FallbackWarning, StepSelector
 from ckptkit._store_save import (
+    BackgroundDeletions,
     ExtraFiles,
     SaveJob,
     commit_save,
@@ -54,6 +56,7 @@ from ckptkit._store_save import (
     prepare_save,
 )
 from ckptkit._store_write import ManifestWriter
+from ckptkit._switching import fast_switching
 from ckptkit._validate import check_step
 
 __all__ = ["LOCK_NAME", "Checkpoint", "CheckpointStore", "FallbackWarning", "StepSelector"]
@@ -158,9 +161,10 @@ class CheckpointStore:
         self._writer = ManifestWriter(self._reader, lock_timeout=self.lock_timeout)
         # A count per step, so protections from different reasons nest.
         self._protected: Counter[int] = Counter()
-        self._buffers = _async.BufferPool()
+        self._buffers = SnapshotBuffers()
         self._pending: PendingSave | None = None
         self._thread: threading.Thread | None = None
+        self._deletions = BackgroundDeletions(self._writer)
         # Read, not changed: a damaged manifest, or one of a newer format, is refused at
         # once rather than at the first save or load.
         self.records()
@@ -373,13 +377,17 @@ class CheckpointStore:
     def wait(self) -> CheckpointRecord | None:
         """Wait for the background save in flight, if any; raise its error if it failed.
 
-        Returns the record it committed, or None when no save was in flight.
+        Also waits for the deletion of the checkpoints retention dropped at the last save,
+        which runs after the save returns. Returns the record the background save committed,
+        or None when no save was in flight.
         """
         pending, thread = self._pending, self._thread
         if pending is None:
+            self._deletions.join()
             return None
         if thread is not None:
             thread.join()
+        self._deletions.join()
         self._pending = self._thread = None
         if pending._error is not None and pending._reported:
             return None
@@ -412,7 +420,10 @@ class CheckpointStore:
         )
 
     def _commit(self, job: SaveJob) -> CheckpointRecord:
-        return commit_save(self._writer, self.retention, job, progress=self.progress)
+        with fast_switching():
+            return commit_save(
+                self._writer, self.retention, job, progress=self.progress, deletions=self._deletions
+            )
 
     def _save_with_files(
         self,

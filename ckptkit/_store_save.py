@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ import numpy as np
 
 from ckptkit import _progress
 from ckptkit._errors import CheckpointExistsError, UnsupportedStateError
+from ckptkit._hashing import HashingWriter
 from ckptkit._reader import MAX_STATE_JSON_BYTES, STATE_FORMAT_VERSION
 from ckptkit._record import CheckpointRecord, FileEntry
 from ckptkit._retention import RetentionPolicy
 from ckptkit._safetensors import write_safetensors
-from ckptkit._storage import CheckpointWriter, HashingWriter, Storage
+from ckptkit._storage import CheckpointWriter, Storage
 from ckptkit._store_write import ManifestWriter
 from ckptkit._tree import encode_json_value, flatten_for_store
 from ckptkit._tree_read import decode_json_value
@@ -104,11 +106,13 @@ def commit_save(
     *,
     progress: bool,
     extra: ExtraFiles | None = None,
+    deletions: BackgroundDeletions | None = None,
 ) -> CheckpointRecord:
     """Write the job's files, commit a manifest that lists them, then apply retention.
 
     ``extra`` writes more files into the checkpoint before it is finished (under the store's
-    lock, as the rest): a sharded save's shards, written by every rank.
+    lock, as the rest): a sharded save's shards, written by every rank. The checkpoints
+    retention dropped are deleted before this returns, or by ``deletions`` after it returns.
     """
     step = job.step
     started = time.perf_counter()
@@ -154,7 +158,10 @@ def commit_save(
         dropped = [r.step for r in gone if r.step != step]
         if dropped:
             logger.info("%s: retention deletes steps %s", storage.location, dropped)
-        delete_checkpoints(storage, gone)
+        if deletions is None:
+            delete_checkpoints(storage, gone)
+    if deletions is not None:
+        deletions.start(gone)
     return record
 
 
@@ -213,3 +220,47 @@ def delete_checkpoints(storage: Storage, records: list[CheckpointRecord]) -> Non
     """Delete checkpoints the committed manifest no longer lists: their files, then them."""
     for r in records:
         storage.delete_checkpoint(r.directory, [f.name for f in r.files])
+
+
+class BackgroundDeletions:
+    """Deletes the checkpoints a committed save dropped, in a thread, after the save returns.
+
+    Deleting a dropped checkpoint's files takes as long as a tenth of writing them on ext4
+    (the blocks are freed), and nothing depends on it: no manifest lists the checkpoint any
+    more, readers never open it, and a crash before the deletion finishes leaves a directory
+    the next sweep removes. So the save returns at its commit and the deletion runs on. One
+    deletion runs at a time; :meth:`join` waits for it (the store joins before every change
+    and on ``wait``/``close``). A failed deletion is logged and the next change sweeps again.
+    """
+
+    def __init__(self, writer: ManifestWriter) -> None:
+        self._writer = writer
+        self._thread: threading.Thread | None = None
+
+    def start(self, records: list[CheckpointRecord]) -> None:
+        self.join()
+        if records:
+            # Not a daemon: a deletion under way at interpreter exit is finished first.
+            self._thread = threading.Thread(
+                target=self._run, args=(records,), name="ckptkit-delete", daemon=False
+            )
+            self._thread.start()
+
+    def _run(self, records: list[CheckpointRecord]) -> None:
+        storage = self._writer.reader.storage
+        try:
+            delete_checkpoints(storage, records)
+        except Exception as e:
+            self._writer.sweep_again()
+            logger.warning(
+                "%s: could not delete %s, which the committed manifest no longer lists (%s); "
+                "every listed checkpoint is intact, and the next save, prune or pin removes them",
+                storage.location,
+                ", ".join(r.directory for r in records),
+                e,
+            )
+
+    def join(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()

@@ -100,6 +100,10 @@ class ManifestWriter:
         self.lock_timeout = lock_timeout
         self._swept = False
 
+    def sweep_again(self) -> None:
+        """Sweep at the next change again (a deletion failed and left files behind)."""
+        self._swept = False
+
     @contextmanager
     def change(self, action: str) -> Iterator[Change]:
         """Hold the lock for a change to the store; turn disk errors into ``StoreWriteError``.

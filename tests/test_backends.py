@@ -60,6 +60,7 @@ def test_an_existing_step_is_refused_unless_overwrite(backend: Backend) -> None:
         store.save(3, state(4))
     assert store.load(3)["step"] == 3
     second = store.save(3, state(4), overwrite=True)
+    store.wait()  # the replaced checkpoint is deleted after save returns
     assert store.load(3)["step"] == 4
     assert second.directory != first.directory
     assert first.directory not in backend.checkpoint_names()

@@ -87,6 +87,7 @@ def check_store(bucket: S3Bucket, prefix: str, lines: list[str]) -> None:
         assert done[-1] in store, (done, [r.step for r in records])
     # The next writer's first change sweeps what the killed one left (grace 0: nothing is live).
     store.save(99, expected_state(99))
+    store.wait()  # retention's deletion runs on after save returns
     listed = {r.directory for r in store.records()}
     names = {key.split("/")[0] for key in objects(bucket, prefix)}
     assert names <= listed | {MANIFEST_NAME}, sorted(names - listed)

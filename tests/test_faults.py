@@ -8,6 +8,7 @@ when it really fills up is in ``test_diskfull.py``.
 from __future__ import annotations
 
 import errno
+import logging
 import uuid
 from pathlib import Path
 
@@ -61,13 +62,16 @@ def leftovers(root: Path, store: CheckpointStore) -> list[str]:
 def test_each_failing_operation_leaves_the_store_as_it_was(tmp_path: Path, err: int) -> None:
     """For every n, failing the n-th operation of a save keeps old checkpoints and lists nothing new.
 
-    A failure after the manifest's commit keeps the new checkpoint, listed and whole, and says so.
+    A failure after the manifest's commit keeps the new checkpoint, listed and whole, and says so;
+    one while deleting what retention dropped (after save has returned) is logged, not raised.
     """
     counting = FaultyStorage(LocalStorage(tmp_path / "count"))
     counting.create()
     fill(CheckpointStore(counting, keep_last=2))
     counting.arm(0)
-    save_new(CheckpointStore(counting, keep_last=2))
+    store = CheckpointStore(counting, keep_last=2)
+    save_new(store)
+    store.wait()
     total = counting.count
     assert set(counting.done) == OPERATIONS, counting.done
     failed: set[str] = set()
@@ -77,23 +81,37 @@ def test_each_failing_operation_leaves_the_store_as_it_was(tmp_path: Path, err: 
         faulty.create()
         store = CheckpointStore(faulty, keep_last=2)
         fill(store)
+        store.wait()
         before = (root / "manifest.json").read_bytes()
         kept_before = [r.step for r in store.records()]
         faulty.arm(n, err)
-        with pytest.raises(StoreWriteError) as raised:
+        try:
             save_new(store)
-        assert raised.value.errno == err and "injected" in str(raised.value)
-        assert faulty.failed is not None
+        except StoreWriteError as e:
+            raised = e
+        else:
+            # Only the deletion after the commit may fail without raising: it runs after
+            # save has returned, and is logged.
+            store.wait()
+            assert faulty.failed == "delete_checkpoint", n
+            failed.add(faulty.failed)
+            reopened = CheckpointStore(root, keep_last=2)
+            assert 3 in reopened and reopened.load(3)["w"][0] == 3.0
+            reopened.prune()
+            assert leftovers(root, reopened) == [], f"operation {n} ({faulty.failed})"
+            continue
+        assert raised.errno == err and "injected" in str(raised)
+        assert faulty.failed is not None and faulty.failed != "delete_checkpoint"
         failed.add(faulty.failed)
         reopened = CheckpointStore(root, keep_last=2)
-        committed = faulty.failed == "after commit_manifest" or faulty.failed == "delete_checkpoint"
+        committed = faulty.failed == "after commit_manifest"
         if committed:
             # Past the commit point: the new checkpoint is listed and whole, and the message
             # says the save was committed.
-            assert "saving step 3 was committed" in str(raised.value), raised.value
+            assert "saving step 3 was committed" in str(raised), raised
             assert 3 in reopened and reopened.load(3)["w"][0] == 3.0
         else:
-            assert "nothing was committed" in str(raised.value), raised.value
+            assert "nothing was committed" in str(raised), raised
             assert (root / "manifest.json").read_bytes() == before, f"operation {n}"
             assert [r.step for r in reopened.records()] == kept_before
             # Nothing the failed save wrote stays behind.
@@ -106,18 +124,23 @@ def test_each_failing_operation_leaves_the_store_as_it_was(tmp_path: Path, err: 
     assert failed == OPERATIONS, OPERATIONS - failed
 
 
-def test_failure_while_deleting_retention_victims_keeps_the_commit(tmp_path: Path) -> None:
+def test_failure_while_deleting_retention_victims_keeps_the_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """If deleting a dropped checkpoint fails, the save's commit stands and the next change cleans up."""
     faulty = FaultyStorage(LocalStorage(tmp_path))
     faulty.create()
     store = CheckpointStore(faulty, keep_last=1)
     store.save(0, {"w": np.zeros(3)})
-    # Step 1: start, 2 files x (create, write, commit), finish, commit (twice), then delete.
+    # Step 1: start, 2 files x (create, write, commit), finish, commit (twice), then delete,
+    # after save has returned: the failure is logged, not raised.
     faulty.arm(11)
-    with pytest.raises(StoreWriteError, match=r"saving step 1 was committed, but .*injected") as e:
-        store.save(1, {"w": np.ones(3)})
+    with caplog.at_level(logging.WARNING, logger="ckptkit"):
+        assert store.save(1, {"w": np.ones(3)}).step == 1
+        store.wait()
     assert faulty.failed == "delete_checkpoint"
-    assert e.value.errno == errno.EIO
+    assert "could not delete step_000000000000" in caplog.text
+    assert "injected Input/output error" in caplog.text
     reopened = CheckpointStore(tmp_path, keep_last=1)
     assert [r.step for r in reopened.records()] == [1]
     assert (tmp_path / "step_000000000000").exists()  # opening changes nothing

@@ -887,7 +887,8 @@ def _symlink_step_out(store: CheckpointStore, step: int, outside: Path) -> tuple
 
 
 def _retention_save(store: CheckpointStore) -> None:
-    CheckpointStore(store.root, keep_last=1).save(3, STATE)
+    with CheckpointStore(store.root, keep_last=1) as other:  # close waits for the deletion
+        other.save(3, STATE)
 
 
 def _retention_prune(store: CheckpointStore) -> None:
@@ -911,6 +912,7 @@ def test_deleting_a_symlinked_checkpoint_removes_only_the_link(
     link, target = _symlink_step_out(store, 1, outside)
     before = _snapshot(target)
     delete(store)
+    store.wait()  # retention's deletion runs on after save returns
     assert _snapshot(target) == before
     assert not os.path.lexists(link)
     assert link.name not in {r.directory for r in store.records()}

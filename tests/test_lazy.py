@@ -63,6 +63,7 @@ def test_a_mapped_checkpoint_survives_its_deletion(tmp_path: Path) -> None:
     store.save(0, {"w": np.full(1000, 7.0)})
     mapped = store.load(0, mmap=True)
     store.save(1, {"w": np.full(1000, 8.0)})
+    store.wait()  # retention's deletion runs on after save returns
     assert not (tmp_path / "step_000000000000").exists()
     assert mapped["w"].tolist() == [7.0] * 1000
 

@@ -21,8 +21,9 @@ import pytest
 import requests
 
 from ckptkit._fsio import new_hasher
+from ckptkit._hashing import HashingWriter
 from ckptkit._manifest import CHECKPOINT_DIR
-from ckptkit._storage import HashingWriter, ManifestConflict, ManifestVersion, Storage
+from ckptkit._storage import ManifestConflict, ManifestVersion, Storage
 from ckptkit._storage_gcs import CHUNK_MULTIPLE, GCSStorage
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from ckptkit._fsio import new_hasher
-from ckptkit._storage import HashingWriter, ManifestConflict, ManifestVersion, Storage
+from ckptkit._hashing import HashingWriter
+from ckptkit._storage import ManifestConflict, ManifestVersion, Storage
 from ckptkit._storage_memory import MemoryStorage
 from ckptkit._storage_s3 import MIN_PART_SIZE, S3Storage
 from tests.helpers.s3server import S3Bucket

@@ -94,6 +94,7 @@ def test_saving_an_existing_step_raises_unless_overwrite(tmp_path: Path) -> None
     second = store.save(5, state_for(6), overwrite=True)
     assert second.directory != first.directory
     assert store.load(5)["meta"]["step"] == 6
+    store.wait()  # the replaced checkpoint is deleted after save returns
     assert not (tmp_path / first.directory).exists()
 
 
@@ -476,6 +477,7 @@ def test_a_checkpoint_overwritten_during_a_load_is_read_again_not_half_read(
         reads.append(record.directory)
         if len(reads) == 1:
             other.save(0, {"w": np.ones(3)}, overwrite=True)
+            other.wait()  # the replaced checkpoint is deleted after save returns
         return real_read(root, record, **kwargs)
 
     monkeypatch.setattr(store_module, "read_state", read_after_overwrite)
@@ -496,6 +498,7 @@ def test_a_load_gives_up_with_a_clear_error_if_its_checkpoint_keeps_changing(
 
     def read_after_overwrite(root: Path, record: Any, **kwargs: Any) -> Any:
         other.save(0, {"w": np.ones(3)}, overwrite=True)
+        other.wait()  # the replaced checkpoint is deleted after save returns
         return real_read(root, record, **kwargs)
 
     monkeypatch.setattr(store_module, "read_state", read_after_overwrite)
@@ -521,6 +524,7 @@ def _store_with_leftovers(root: Path) -> CheckpointStore:
     store = CheckpointStore(root, keep_last=2)
     for step in range(4):
         store.save(step, {"w": np.full(3, float(step))}, metrics={"loss": 1.0 / (step + 1)})
+    store.wait()  # retention's last deletion runs on after save returns
     (root / ".ckptkit-tmp-0123456789abcdef").mkdir()
     (root / "step_000000000009").mkdir()
     (root / ".ckptkit.lock").unlink()
@@ -583,6 +587,7 @@ def test_opening_and_reading_a_store_changes_nothing(tmp_path: Path) -> None:
     store.prune(dry_run=True)
     assert snapshot(tmp_path) == before
     store.save(4, {"w": np.zeros(3)})
+    store.wait()  # retention's deletion runs on after save returns
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".ckptkit.lock",
         "manifest.json",

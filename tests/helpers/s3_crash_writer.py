@@ -105,6 +105,9 @@ def main() -> None:
             killer.armed = step == args.arm_step
         try:
             store.save(step, expected_state(step, args.value))
+            # Retention's deletion runs on after save returns; count its requests in this
+            # save's instants, before "committed" is printed.
+            store.wait()
         except CheckpointExistsError:
             print(f"exists {step}", flush=True)
             continue

@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from ckptkit._hashing import HashingWriter
 from ckptkit._manifest import SHARD_INDEX, shard_file_name
 from ckptkit._record import FileEntry
 from ckptkit._safetensors import dtype_code, write_safetensors
 from ckptkit._sharded import PathKey, ShardChunk, ShardedTensor, ShardIndex, encode_index
-from ckptkit._storage import CheckpointWriter, HashingWriter, Storage
+from ckptkit._storage import CheckpointWriter, Storage
 from ckptkit._store import CheckpointStore
 
 #: Each sharded tensor by its path in the state tree.

@@ -280,6 +280,8 @@ def serve() -> None:
             )
             for step, version, loss in command.get("saves", [])
         ]
+        # Retention's deletions run on after save returns: done means deleted too.
+        store.wait()
         pruned = list(store.prune().delete) if command.get("prune") else []
         print("done " + json.dumps({"records": records, "pruned": pruned}), flush=True)
 

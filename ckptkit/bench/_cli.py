@@ -31,9 +31,12 @@ from ckptkit.bench._sharded import run_sharded
 from ckptkit.bench._small import run_observe, run_small
 from ckptkit.bench._timing import Progress
 
-#: Copies of a state that sit in --dir at once: the four load fixtures and the memory probe's
-#: save. The async store (one copy per round, plus the first) runs after they are gone.
-COPIES_ON_DISK = 5
+#: Copies of a state that sit in --dir at once: the four load fixtures and, while they are
+#: saved, the keep_last=1 store's two (its last step and the next, until the save deletes the
+#: last); the memory probe's save comes after that store is gone. The async rows run after the
+#: fixtures are gone: ckptkit's store keeps one copy per round plus the first, DCP's save one
+#: more while it runs.
+COPIES_ON_DISK = 6
 HEADROOM = 256 * MiB
 
 
@@ -44,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
             "Time durable saves and cold/warm loads of ckptkit against raw write+fsync, "
             "torch.save and safetensors, side by side and alternating round by round; "
             "peak extra memory per method (fresh process each); small-checkpoint cost; async "
-            "save blocking; StoppingPolicy.observe cost."
+            "save blocking and durability, against DCP's async_save; StoppingPolicy.observe "
+            "cost."
         ),
     )
     p.add_argument(
@@ -107,7 +111,7 @@ def _rounds(size: Size, args: argparse.Namespace) -> int:
 
 
 def _space_needed(sizes: list[Size], args: argparse.Namespace) -> int:
-    return max(max(COPIES_ON_DISK, _rounds(s, args) + 1) * s.nbytes for s in sizes) + HEADROOM
+    return max(max(COPIES_ON_DISK, _rounds(s, args) + 2) * s.nbytes for s in sizes) + HEADROOM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if free < need:
         print(
             f"error: --dir {directory} has {human_bytes(free)} free, but sizes {spec} need "
-            f"about {human_bytes(need)} (up to max({COPIES_ON_DISK}, rounds + 1) copies of a "
+            f"about {human_bytes(need)} (up to max({COPIES_ON_DISK}, rounds + 2) copies of a "
             f"state at once, plus {human_bytes(HEADROOM)}); free some space, pass --dir on a larger disk, or "
             "choose smaller --sizes",
             file=sys.stderr,

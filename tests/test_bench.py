@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -47,6 +48,19 @@ TARGETS = {
     ("async", "ckptkit save_async durable"): "<=1.2x save",
     ("observe", "StoppingPolicy.observe"): "<20 us",
 }
+#: The charts of `--quick --s3`: one per group, named for its section and size.
+CHARTS = [
+    "results-save-4m.png",
+    "results-load-cold-4m.png",
+    "results-load-warm-4m.png",
+    "results-keys-cold-4m.png",
+    "results-keys-warm-4m.png",
+    "results-async-4m.png",
+    "results-s3-save-4m.png",
+    "results-s3-load-4m.png",
+    "results-small-save-small.png",
+    "results-observe.png",
+]
 
 
 def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -164,6 +178,20 @@ def test_quick_run_measures_async_saves_against_the_sync_save_and_dcp(quick: Run
     if durable["status"] == "ok":
         assert durable["ratio_to"] == "save"
         assert "x raw" in durable["note"]
+
+
+def test_quick_run_draws_one_chart_per_group_at_column_width(quick: Run) -> None:
+    """One PNG per group, named for its section and size, at most 800 pixels wide, is written
+    and listed in the JSON and the printed output."""
+    assert quick.doc()["charts"] == CHARTS
+    assert not (quick.out / "results.png").exists()
+    for name in CHARTS:
+        assert name in quick.proc.stdout, name
+        head = (quick.out / name).read_bytes()[:24]
+        # The PNG signature, then the IHDR chunk: width and height, big-endian.
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", name
+        width, height = struct.unpack(">II", head[16:24])
+        assert 0 < width <= 800 and height > 0, (name, width, height)
 
 
 def test_refuses_a_dir_without_room_for_the_sizes(tmp_path: Path) -> None:

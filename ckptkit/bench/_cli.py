@@ -1,7 +1,8 @@
 """``python -m ckptkit.bench``: measure ckptkit against the disk, torch.save and safetensors.
 
 Prints the machine facts, then progress lines on stderr, then the table; writes
-``results.txt``, ``results.json`` and ``results.png`` (with matplotlib) into ``--out``.
+``results.txt``, ``results.json`` and, with matplotlib, one chart per group of rows
+(``results-<section>-<size>.png``, e.g. ``results-save-100m.png``) into ``--out``.
 Everything written under ``--dir`` is deleted at the end, also after an error or Ctrl-C.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.bench import _machine
-from ckptkit.bench._chart import chart
+from ckptkit.bench._chart import charts
 from ckptkit.bench._large import run_large
 from ckptkit.bench._methods import MiB, Size, human_bytes, parse_size
 from ckptkit.bench._report import (
@@ -48,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
             "torch.save and safetensors, side by side and alternating round by round; "
             "peak extra memory per method (fresh process each); small-checkpoint cost; async "
             "save blocking and durability, against DCP's async_save; StoppingPolicy.observe "
-            "cost."
+            "cost. Writes results.txt, results.json and one chart per group, "
+            "results-<section>-<size>.png, into --out."
         ),
     )
     p.add_argument(
@@ -192,11 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv,
         "warnings": warnings,
     }
-    drawn = chart(out / "results.png", rows)
-    config["chart"] = drawn
-    text = table(rows, machine) + "\n" + "\n".join([*(f"warning: {w}" for w in warnings), drawn])
+    drawn, said = charts(out, rows)
+    text = table(rows, machine) + "\n" + "\n".join([*(f"warning: {w}" for w in warnings), said])
     (out / "results.txt").write_text(text + "\n")
-    write_json(out / "results.json", rows, machine, config)
+    write_json(out / "results.json", rows, machine, config, charts=drawn)
     # The machine facts were printed at the top already; print the rest.
     print(text.split("\n", len(machine_lines(machine).splitlines()))[-1])
     print(f"results: {out / 'results.txt'}, {out / 'results.json'}", flush=True)

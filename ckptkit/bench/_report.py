@@ -269,11 +269,17 @@ def machine_lines(m: dict[str, Any]) -> str:
 
 
 def write_json(
-    path: Path, rows: list[Row], machine: dict[str, Any], config: dict[str, Any]
+    path: Path,
+    rows: list[Row],
+    machine: dict[str, Any],
+    config: dict[str, Any],
+    charts: list[str] | None = None,
 ) -> None:
+    """Write the results; ``charts``: the chart files' names, in the same folder."""
     doc = {
         "machine": machine,
         "config": config,
+        "charts": charts or [],
         "rows": [r.to_json() for r in rows],
         "targets": [
             {

@@ -30,7 +30,12 @@ LOADS = {
 }
 KEYS = {"ckptkit read_arrays", "safetensors safe_open"}
 DCP = {"DCP async_save blocked", "DCP async_save durable"}
-ASYNC = {"copy into reused buffers", "ckptkit save_async blocked", "ckptkit save_async durable"}
+ASYNC = {
+    "copy into reused buffers",
+    "ckptkit save_async blocked",
+    "ckptkit save_async durable",
+    "ckptkit save_async durable, loop busy",
+}
 ASYNC |= DCP
 SMALL = {"ckptkit save", "safetensors save_file+fsync+commit"}
 #: Rows whose store feature may not have landed yet: they may say "not available".
@@ -46,6 +51,7 @@ TARGETS = {
     ("small save", "ckptkit save"): "<=2x st+commit",
     ("async", "ckptkit save_async blocked"): "<=1.5x copy",
     ("async", "ckptkit save_async durable"): "<=1.2x save",
+    ("async", "ckptkit save_async durable, loop busy"): "<=1.2x save",
     ("observe", "StoppingPolicy.observe"): "<20 us",
 }
 #: The charts of `--quick --s3`: one per group, named for its section and size.
@@ -178,6 +184,9 @@ def test_quick_run_measures_async_saves_against_the_sync_save_and_dcp(quick: Run
     if durable["status"] == "ok":
         assert durable["ratio_to"] == "save"
         assert "x raw" in durable["note"]
+    busy = rows["ckptkit save_async durable, loop busy"]
+    assert busy["status"] == "ok" and busy["ratio_to"] == "save"
+    assert "pure-Python loop" in busy["note"] and "x raw" in busy["note"]
 
 
 def test_quick_run_draws_one_chart_per_group_at_column_width(quick: Run) -> None:

@@ -1,7 +1,8 @@
 """``python -m ckptkit.bench``: measure ckptkit against the disk, torch.save and safetensors.
 
 Prints the machine facts, then progress lines on stderr, then the table; writes
-``results.txt``, ``results.json`` and ``results.png`` (with matplotlib) into ``--out``.
+``results.txt``, ``results.json`` and, with matplotlib, one chart per group of rows
+(``results-<section>-<size>.png``, e.g. ``results-save-100m.png``) into ``--out``.
 Everything written under ``--dir`` is deleted at the end, also after an error or Ctrl-C.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkit.bench import _machine
-from ckptkit.bench._chart import chart
+from ckptkit.bench._chart import charts
 from ckptkit.bench._large import run_large
 from ckptkit.bench._methods import MiB, Size, human_bytes, parse_size
 from ckptkit.bench._report import (
@@ -31,9 +32,12 @@ from ckptkit.bench._sharded import run_sharded
 from ckptkit.bench._small import run_observe, run_small
 from ckptkit.bench._timing import Progress
 
-#: Copies of a state that sit in --dir at once: the four load fixtures and the memory probe's
-#: save. The async store (one copy per round, plus the first) runs after they are gone.
-COPIES_ON_DISK = 5
+#: Copies of a state that sit in --dir at once: the four load fixtures and, while they are
+#: saved, the keep_last=1 store's two (its last step and the next, until the save deletes the
+#: last); the memory probe's save comes after that store is gone. The async rows run after the
+#: fixtures are gone: ckptkit's store keeps one copy per round plus the first, DCP's save one
+#: more while it runs.
+COPIES_ON_DISK = 6
 HEADROOM = 256 * MiB
 
 
@@ -44,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
             "Time durable saves and cold/warm loads of ckptkit against raw write+fsync, "
             "torch.save and safetensors, side by side and alternating round by round; "
             "peak extra memory per method (fresh process each); small-checkpoint cost; async "
-            "save blocking; StoppingPolicy.observe cost."
+            "save blocking and durability, against DCP's async_save; StoppingPolicy.observe "
+            "cost. Writes results.txt, results.json and one chart per group, "
+            "results-<section>-<size>.png, into --out."
         ),
     )
     p.add_argument(
@@ -107,7 +113,7 @@ def _rounds(size: Size, args: argparse.Namespace) -> int:
 
 
 def _space_needed(sizes: list[Size], args: argparse.Namespace) -> int:
-    return max(max(COPIES_ON_DISK, _rounds(s, args) + 1) * s.nbytes for s in sizes) + HEADROOM
+    return max(max(COPIES_ON_DISK, _rounds(s, args) + 2) * s.nbytes for s in sizes) + HEADROOM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if free < need:
         print(
             f"error: --dir {directory} has {human_bytes(free)} free, but sizes {spec} need "
-            f"about {human_bytes(need)} (up to max({COPIES_ON_DISK}, rounds + 1) copies of a "
+            f"about {human_bytes(need)} (up to max({COPIES_ON_DISK}, rounds + 2) copies of a "
             f"state at once, plus {human_bytes(HEADROOM)}); free some space, pass --dir on a larger disk, or "
             "choose smaller --sizes",
             file=sys.stderr,
@@ -188,11 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv,
         "warnings": warnings,
     }
-    drawn = chart(out / "results.png", rows)
-    config["chart"] = drawn
-    text = table(rows, machine) + "\n" + "\n".join([*(f"warning: {w}" for w in warnings), drawn])
+    drawn, said = charts(out, rows)
+    text = table(rows, machine) + "\n" + "\n".join([*(f"warning: {w}" for w in warnings), said])
     (out / "results.txt").write_text(text + "\n")
-    write_json(out / "results.json", rows, machine, config)
+    write_json(out / "results.json", rows, machine, config, charts=drawn)
     # The machine facts were printed at the top already; print the rest.
     print(text.split("\n", len(machine_lines(machine).splitlines()))[-1])
     print(f"results: {out / 'results.txt'}, {out / 'results.json'}", flush=True)

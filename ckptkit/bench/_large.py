@@ -1,9 +1,10 @@
 """Large states: durable saves, cold and warm loads, partial reads, memory, async saves.
 
 Order for one size: build the state; time the saves round by round (the last round's files are
-kept as the load fixtures); measure each save's memory in a fresh process; time the loads, cold
-then warm, round by round; measure each load's memory; time the async save against a copy into
-reused buffers. Everything written lives under ``work`` and is deleted before returning.
+kept as the load fixtures), with ckptkit's save also timed into one store with ``keep_last=1``;
+measure each save's memory in a fresh process; time the loads, cold then warm, round by round;
+measure each load's memory; time the async saves against a copy into reused buffers and against
+the sync ckptkit save. Everything written lives under ``work`` and is deleted before returning.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ckptkit import CheckpointStore
 from ckptkit.bench import _memprobe
 from ckptkit.bench._asyncsave import run_async
 from ckptkit.bench._machine import evict, remove
@@ -26,6 +28,7 @@ from ckptkit.bench._methods import (
     Size,
     build_state,
     key_names,
+    nested,
     touch,
 )
 from ckptkit.bench._report import Row, set_ratios
@@ -33,6 +36,10 @@ from ckptkit.bench._timing import Case, Progress, alternate, rounds_text, timed
 
 #: A memory probe that takes longer than this is reported as timed out.
 PROBE_TIMEOUT = 600.0
+#: ckptkit's save into one store with ``keep_last=1``, reused across the rounds.
+KEEP_LAST = "ckptkit save keep_last=1"
+#: The rows of a save group, in this order.
+SAVE_ORDER = [SAVES[0].name, SAVES[1].name, KEEP_LAST, *(m.name for m in SAVES[2:])]
 
 
 def _slug(name: str) -> str:
@@ -49,12 +56,15 @@ def run_large(size: Size, work: Path, rounds: int, progress: Progress) -> list[R
     fixtures: dict[str, Path] = {}
     try:
         rows = _saves(size, state, work, rounds, progress, fixtures)
-        raw = next((r.median for r in rows if r.method == "raw write+fsync"), None)
+        raw, sync = (
+            next((r.median for r in rows if r.method == name), None)
+            for name in ("raw write+fsync", "ckptkit save")
+        )
         rows += _loads(size, state, work, rounds, progress, fixtures)
     finally:
         for path in fixtures.values():
             remove(path)
-    rows += run_async(size, state, work, rounds, progress, raw)
+    rows += run_async(size, state, work, rounds, progress, raw=raw, sync=sync)
     return rows
 
 
@@ -88,18 +98,41 @@ def _saves(
             rows.append(_unavailable_row(group, "save", size, method, why))
         else:
             cases[method.name] = case(method)
-    for name, samples in alternate(cases, rounds, progress, f"{size.label} save").items():
+    # Each timed save into this store deletes the step the round before saved: the first,
+    # untimed save leaves one there for the first round too.
+    root = work / "save-keep-last-1"
+    store = CheckpointStore(root, keep_last=1)
+    try:
+        tree = nested(state)
+        store.save(0, tree)
+
+        def keep_last(r: int) -> float:
+            seconds = timed(lambda: store.save(r + 1, tree))
+            # The deletion of the step before runs on after save returns (the loop goes on
+            # meanwhile); it is waited for here, untimed, so it does not slow the next method.
+            store.wait()
+            return seconds
+
+        cases[KEEP_LAST] = keep_last
+        cases = {name: cases[name] for name in SAVE_ORDER if name in cases}
+        results = alternate(cases, rounds, progress, f"{size.label} save")
+    finally:
+        store.close()
+        remove(root)
+    for name, samples in results.items():
         rows.append(Row(group=group, section="save", size=size.label, method=name, samples=samples))
     for row in rows:
         row.nbytes = size.nbytes
-        if row.status == "ok":
+        # The memory probe runs one save in a fresh process, which cannot hold a step saved
+        # before to delete: keep_last=1 has no memory figure (its save is ckptkit save's).
+        if row.status == "ok" and row.method != KEEP_LAST:
             progress(f"{size.label} save: memory of {row.method} in a fresh process")
             path = work / f"probe-{_slug(row.method)}"
             memory = _memprobe.measure("save", row.method, size, path, PROBE_TIMEOUT)
             remove(path)
             row.extra_bytes, row.note = memory.extra_bytes, memory.note
     set_ratios(rows, "raw write+fsync", "raw")
-    rows.sort(key=lambda r: [m.name for m in SAVES].index(r.method))
+    rows.sort(key=lambda r: SAVE_ORDER.index(r.method))
     return rows
 
 

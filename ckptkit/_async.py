@@ -1,8 +1,9 @@
 """Saves that return once the state is copied: reused host buffers and one writer thread.
 
-``CheckpointStore.save_async`` copies every array of the state into buffers it keeps between
-saves (one per tensor name, shape and dtype, so a training loop that saves the same model
-allocates them once), then commits the checkpoint in a background thread while training goes
+``CheckpointStore.save_async`` copies every array of the state into one buffer it keeps between
+saves (``_snapshot.py``: laid out as the file's data area, kept while the names, shapes and
+dtypes stay the same, so a training loop that saves the same model allocates it once), then
+commits the checkpoint in a background thread while training goes
 on. At most one save is in flight: the next save first waits for it, and a failure nobody
 collected (with ``result()`` or ``exception()``) is raised by the next call that waits
 (``save``, ``save_async``, ``wait``, ``close``, ``prune``, ``pin``, ``unpin``). A save of the

@@ -269,5 +269,3 @@ class Storage(abc.ABC):
         change a store object makes; a backend without a lock removes only leftovers old enough
         that no live writer can still be writing them.
         """
-
-

@@ -335,7 +335,7 @@ class CheckpointStore:
         """Copy ``state`` into reused host buffers and commit it in a background thread.
 
         Returns as soon as the copy is made, so the state may change right after the call.
-        The buffers are kept for the next save (one per tensor name, shape and dtype). At most
+        The buffer is kept for the next save of the same tensor names, shapes and dtypes. At most
         one save is in flight: this first waits for the previous one. The commit is the same as
         :meth:`save`'s. The :class:`PendingSave` returned is a ``concurrent.futures.Future``
         of the committed record: the save's error is raised by its ``result()`` (or returned

@@ -231,6 +231,10 @@ class BackgroundDeletions:
     the next sweep removes. So the save returns at its commit and the deletion runs on. One
     deletion runs at a time; :meth:`join` waits for it (the store joins before every change
     and on ``wait``/``close``). A failed deletion is logged and the next change sweeps again.
+
+    The deletion takes the store's lock, as every change does: a local store reuses a
+    deleted checkpoint's directory name (``step_<12 digits>``) for a later save of that step,
+    and only the lock orders this deletion before another writer's save of that name.
     """
 
     def __init__(self, writer: ManifestWriter) -> None:
@@ -249,7 +253,8 @@ class BackgroundDeletions:
     def _run(self, records: list[CheckpointRecord]) -> None:
         storage = self._writer.reader.storage
         try:
-            delete_checkpoints(storage, records)
+            with self._writer.locked():
+                delete_checkpoints(storage, records)
         except Exception as e:
             self._writer.sweep_again()
             logger.warning(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import TypeVar
 
 from ckptkit import _manifest
@@ -161,6 +161,10 @@ class ManifestWriter:
             f"{location}: {action} failed: {reason}; nothing was committed and the previous "
             f"checkpoints are intact; {advice}"
         )
+
+    def locked(self) -> AbstractContextManager[None]:
+        """Hold the store's lock (``LockTimeoutError`` after ``lock_timeout`` seconds)."""
+        return self._locked()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

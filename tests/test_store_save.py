@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ckptkit import CheckpointStore
+from ckptkit import CheckpointStore, LockTimeoutError
 from ckptkit._storage_local import LocalStorage
 
 STEP0 = "step_000000000000"
@@ -75,6 +75,23 @@ def test_the_next_save_waits_for_the_previous_deletion(tmp_path: Path) -> None:
     ]
 
 
+def test_the_background_deletion_holds_the_store_lock(tmp_path: Path) -> None:
+    """Another writer waits for the deletion: it may reuse the deleted directory's name."""
+    storage = _HeldDeletes(tmp_path)
+    store = CheckpointStore(storage, keep_last=1)
+    store.save(0, {"w": np.zeros(10)})
+    store.save(1, {"w": np.zeros(10)})
+    assert storage.started.wait(timeout=10)
+    other = CheckpointStore(tmp_path, lock_timeout=0.1)
+    with pytest.raises(LockTimeoutError, match=r"lock_timeout=0\.1"):
+        other.save(0, {"w": np.ones(10)})
+    storage.release.set()
+    store.wait()
+    # Step 0's name is free again, and the new checkpoint takes it.
+    assert other.save(0, {"w": np.ones(10)}).directory == STEP0
+    assert other.load(0)["w"][0] == 1.0
+
+
 class _FailingDeletes(LocalStorage):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -111,7 +128,7 @@ _WORKER = """
 import select, sys
 from pathlib import Path
 import numpy as np
-from ckptkit import CheckpointStore
+from ckptkit import CheckpointStore, LockTimeoutError
 from ckptkit._storage_local import LocalStorage
 
 class Stuck(LocalStorage):

@@ -33,6 +33,7 @@ DCP = {"DCP async_save blocked", "DCP async_save durable"}
 ASYNC = {
     "copy into reused buffers",
     "ckptkit save_async blocked",
+    "ckptkit save (sync, same rounds)",
     "ckptkit save_async durable",
     "ckptkit save_async durable, loop busy",
 }

@@ -2,8 +2,8 @@
 
 The reference for blocking is the least a snapshot can block: one ``np.copyto`` of every array
 into buffers allocated once and reused, as ``save_async`` is specified to do. The reference for
-"durable" (``save_async`` until ``result()`` returns) is the sync ``ckptkit save`` of the same
-size, from the save group. PyTorch DCP's ``async_save`` of the same tensors runs beside them, as
+"durable" (``save_async`` until ``result()`` returns) is a sync ``ckptkit save`` of the same
+state, timed in the same rounds (``SYNC``), so both meet the disk in the same state. PyTorch DCP's ``async_save`` of the same tensors runs beside them, as
 a reference (``_dcpasync``). The first call of each is untimed: it allocates what it reuses, or
 sets up its staging and executor. When the store has no ``save_async`` yet, or torch is missing,
 those rows say why and the others are still measured.
@@ -28,6 +28,7 @@ from ckptkit.bench._timing import Case, Progress, alternate, format_seconds, rou
 COPY = "copy into reused buffers"
 BLOCKED = "ckptkit save_async blocked"
 DURABLE = "ckptkit save_async durable"
+SYNC = "ckptkit save (sync, same rounds)"
 BUSY = "ckptkit save_async durable, loop busy"
 DCP_BLOCKED = "DCP async_save blocked"
 DCP_DURABLE = "DCP async_save durable"
@@ -44,7 +45,8 @@ def run_async(
     sync: float | None,
 ) -> list[Row]:
     """Time the async rows; ``raw`` and ``sync``: the medians of raw write+fsync and of the
-    sync ckptkit save of this size (None if they did not run)."""
+    sync ckptkit save of this size in the save group (None if they did not run); ``sync`` is
+    the reference only when this group could not time its own sync save."""
     group = (
         f"async save, {size.describe()}: time the training loop is blocked, {rounds_text(rounds)}"
     )
@@ -59,7 +61,7 @@ def run_async(
             np.copyto(b, a)
         return time.perf_counter() - start
 
-    names = [COPY, BLOCKED, DURABLE, BUSY, DCP_BLOCKED, DCP_DURABLE]
+    names = [COPY, BLOCKED, SYNC, DURABLE, BUSY, DCP_BLOCKED, DCP_DURABLE]
     rows = {m: Row(group=group, section="async", size=size.label, method=m) for m in names}
     cases: dict[str, Case] = {COPY: copy}
     durable: dict[str, list[float]] = {DURABLE: [], DCP_DURABLE: []}
@@ -84,6 +86,16 @@ def run_async(
                 durable[DURABLE].append(time.perf_counter() - start)
                 return blocked
 
+            sync_store = CheckpointStore(work / "async-sync")
+            stack.callback(remove, work / "async-sync")
+
+            sync_store.save(0, tree)
+
+            def sync_save(r: int) -> float:
+                start = time.perf_counter()
+                sync_store.save(r + 1, tree)
+                return time.perf_counter() - start
+
             def busy(r: int) -> float:
                 # A training loop's Python work goes on while the save runs in the background.
                 start = time.perf_counter()
@@ -102,9 +114,11 @@ def run_async(
                 BLOCKED
             ].note = f"the first call, which allocates the buffers, blocked {first_text}"
             cases[BLOCKED] = save
+            cases[SYNC] = sync_save
             cases[BUSY] = busy
         else:
-            rows[BLOCKED].status = rows[DURABLE].status = rows[BUSY].status = "not available"
+            for name in (BLOCKED, DURABLE, BUSY, SYNC):
+                rows[name].status = "not available"
         why = unavailable()
         if why is None:
             dcp = stack.enter_context(DcpAsyncSave(state, work / "dcp-async"))
@@ -124,7 +138,7 @@ def run_async(
         else:
             rows[DCP_BLOCKED].status = rows[DCP_DURABLE].status = why
         results = alternate(cases, rounds, progress, f"{size.label} async")
-    for name in (COPY, BLOCKED, DCP_BLOCKED, BUSY):
+    for name in (COPY, BLOCKED, DCP_BLOCKED, BUSY, SYNC):
         rows[name].samples = results.get(name, [])
     if spins:
         rows[BUSY].note = (
@@ -136,7 +150,9 @@ def run_async(
     for row in rows.values():
         row.nbytes = size.nbytes
     set_ratios([rows[COPY], rows[BLOCKED], rows[DCP_BLOCKED]], COPY, "copy")
-    for name in (DURABLE, BUSY, DCP_DURABLE):
+    # The sync save of the same rounds is the reference; the save group's median if it is missing.
+    sync = rows[SYNC].median or sync
+    for name in (DURABLE, BUSY, DCP_DURABLE, SYNC):
         _durable_ratios(rows[name], raw=raw, sync=sync)
     if dcp is not None and rows[DCP_DURABLE].samples:
         fsync = format_seconds(float(np.median(dcp.dir_fsyncs[1:] or dcp.dir_fsyncs)))

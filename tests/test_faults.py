@@ -67,7 +67,8 @@ def test_each_failing_operation_leaves_the_store_as_it_was(tmp_path: Path, err: 
     """
     counting = FaultyStorage(LocalStorage(tmp_path / "count"))
     counting.create()
-    fill(CheckpointStore(counting, keep_last=2))
+    with CheckpointStore(counting, keep_last=2) as filled:  # close waits for its deletions
+        fill(filled)
     counting.arm(0)
     store = CheckpointStore(counting, keep_last=2)
     save_new(store)

@@ -246,8 +246,8 @@ LEGEND = [
     "columns: median and min - max of the seconds per operation over the rounds; MiB/s: bytes",
     "moved / median; ratio: median of the per-round ratios to the group's reference (raw: raw",
     "write+fsync of the same bytes; st: safetensors load_file, or safe_open for partial reads;",
-    "copy: np.copyto into reused buffers; save: ckptkit save of the same size, which ran in",
-    "other rounds, so the ratio of the medians; st+commit: safetensors save_file+fsync plus one",
+    "copy: np.copyto into reused buffers; save: a sync ckptkit save of the same state, timed in",
+    "the same rounds, ratio of the medians; st+commit: safetensors save_file+fsync plus one",
     "atomic manifest commit); extra MiB: peak resident memory above the baseline in a fresh",
     "process (in brackets: copies of the bytes read); target and result: ckptkit's targets.",
 ]

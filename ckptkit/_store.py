@@ -38,7 +38,7 @@ from ckptkit._errors import (
     CheckpointNotFoundError,
     ReadOnlyStoreError,
 )
-from ckptkit._manifest import MANIFEST_NAME
+from ckptkit._manifest import MANIFEST_NAME, detached
 from ckptkit._modes import Mode, resolve_mode
 from ckptkit._record import CheckpointRecord, TensorInfo
 from ckptkit._retention import RetentionPlan, RetentionPolicy
@@ -468,7 +468,7 @@ class CheckpointStore:
             return [updated if r.step == target.step else r for r in records], updated
 
         with self._writer.change(f"{'pinning' if pinned else 'unpinning'} step {step}") as change:
-            return change.commit(decide)
+            return detached(change.commit(decide))
 
     def protect(self, step: int) -> None:
         """Keep ``step`` from retention for the life of this store object (not persisted).

@@ -94,10 +94,14 @@ class CheckpointReader:
                 "manifest.json from a copy"
             ) from None
 
-    def parse_manifest(self, version: ManifestVersion) -> list[CheckpointRecord]:
+    def parse_manifest(
+        self, version: ManifestVersion, *, cached: bool = False
+    ) -> list[CheckpointRecord]:
+        """The records of a manifest read; ``cached``: see ``_manifest.loads``."""
         if version.data is None:
             return []
-        return _manifest.loads(version.data, path=self.storage.describe(MANIFEST_NAME))
+        path = self.storage.describe(MANIFEST_NAME)
+        return _manifest.loads(version.data, path=path, cached=cached)
 
     def __contains__(self, step: object) -> bool:
         return any(r.step == step for r in self.records())

@@ -21,6 +21,7 @@ import numpy as np
 from ckptkit import _progress
 from ckptkit._errors import CheckpointExistsError, UnsupportedStateError
 from ckptkit._hashing import HashingWriter
+from ckptkit._manifest import detached
 from ckptkit._reader import MAX_STATE_JSON_BYTES, STATE_FORMAT_VERSION
 from ckptkit._record import CheckpointRecord, FileEntry
 from ckptkit._retention import RetentionPolicy
@@ -162,7 +163,8 @@ def commit_save(
             delete_checkpoints(storage, gone)
     if deletions is not None:
         deletions.start(gone)
-    return record
+    # The committed object stays in the manifest's cache; the caller gets its own copy.
+    return detached(record)
 
 
 def _refuse_existing(

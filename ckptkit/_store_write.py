@@ -44,7 +44,7 @@ class Change:
     def __init__(self, writer: ManifestWriter, version: ManifestVersion) -> None:
         self._writer = writer
         self.version = version
-        self.records = writer.reader.parse_manifest(version)
+        self.records = writer.reader.parse_manifest(version, cached=True)
 
     def commit(
         self,
@@ -74,7 +74,7 @@ class Change:
                 )
             except ManifestConflict:
                 self.version = self._writer.reader.read_manifest()
-                self.records = self._writer.reader.parse_manifest(self.version)
+                self.records = self._writer.reader.parse_manifest(self.version, cached=True)
                 if new_checkpoint is not None and any(
                     r.directory == new_checkpoint for r in self.records
                 ):

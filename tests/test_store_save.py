@@ -56,13 +56,19 @@ def test_a_save_returns_at_its_commit_while_the_dropped_checkpoint_is_deleted(
     assert (tmp_path / STEP1).exists()
 
 
-def test_the_next_save_waits_for_the_previous_deletion(tmp_path: Path) -> None:
-    """Deletions never pile up: a save starts only after the last one's deletion has ended."""
-    storage = _HeldDeletes(tmp_path)
+def _deleting_step_0(root: Path) -> tuple[_HeldDeletes, CheckpointStore]:
+    """A keep_last=1 store whose deletion of step 0 has started and is held."""
+    storage = _HeldDeletes(root)
     store = CheckpointStore(storage, keep_last=1)
     store.save(0, {"w": np.zeros(10)})
     store.save(1, {"w": np.zeros(10)})
     assert storage.started.wait(timeout=10)
+    return storage, store
+
+
+def test_the_next_save_waits_for_the_previous_deletion(tmp_path: Path) -> None:
+    """Deletions never pile up: a save starts only after the last one's deletion has ended."""
+    storage, store = _deleting_step_0(tmp_path)
     done = threading.Event()
     saver = threading.Thread(target=lambda: (store.save(2, {"w": np.zeros(10)}), done.set()))
     saver.start()
@@ -77,11 +83,7 @@ def test_the_next_save_waits_for_the_previous_deletion(tmp_path: Path) -> None:
 
 def test_the_background_deletion_holds_the_store_lock(tmp_path: Path) -> None:
     """Another writer waits for the deletion: it may reuse the deleted directory's name."""
-    storage = _HeldDeletes(tmp_path)
-    store = CheckpointStore(storage, keep_last=1)
-    store.save(0, {"w": np.zeros(10)})
-    store.save(1, {"w": np.zeros(10)})
-    assert storage.started.wait(timeout=10)
+    storage, store = _deleting_step_0(tmp_path)
     other = CheckpointStore(tmp_path, lock_timeout=0.1)
     with pytest.raises(LockTimeoutError, match=r"lock_timeout=0\.1"):
         other.save(0, {"w": np.ones(10)})
